@@ -1,0 +1,1093 @@
+"""bar: Budget-Aware Agentic Routing via Boundary-Guided Training (arXiv 2602.21227).
+
+One module, read top to bottom in pipeline order:
+
+    0. config and files        YAML + --set overrides, atomic writes, JSONL logs
+    1. environment             BabyAI (minigrid) rendered as BALROG-style text, five task families
+    2. executors and cost      a small protocol + the calibrated *simulated* executor pair
+    3. rollouts                many episodes in lockstep, the router batched, budget-constrained decoding
+    4. boundary training data  boundary policies -> Easy/Hard/Intractable -> stratified sampling -> labels
+    5. router                  a causal LM; pi(LARGE|s) from two label tokens at the last position
+    6. losses                  SFT cross-entropy; BoPO (boundary-relative reward, reference-guided advantage)
+    7. metrics                 frontier, AUC, APGR, CPT, cost to match always-large, bootstrap intervals
+
+Notation: task x; step t; decision a_t in {SMALL, LARGE}; step cost c_t in dollars; trajectory tau with
+success S(tau) in {0,1} and cost C(tau) = sum_t c_t.
+
+The CPU default keeps the environment real and *simulates* the two executor models (section 2). Every
+results file says so.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+SMALL, LARGE = 0, 1
+MODEL_NAMES = ("small", "large")
+
+
+# ================================================================================================
+# 0. Config and files
+# ================================================================================================
+class ConfigError(ValueError):
+    """A bad config: the message names the key and the fix; scripts print it as one line."""
+
+
+DEFAULTS: dict = yaml.safe_load(Path(__file__).with_name("configs").joinpath("defaults.yaml").read_text())
+
+
+def _merge(base: dict, over: dict, where: str = "") -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        key = f"{where}{k}"
+        if k not in base:
+            raise ConfigError(f"unknown config key '{key}' (known here: {', '.join(sorted(base))})")
+        if isinstance(base[k], dict):
+            if not isinstance(v, dict):
+                raise ConfigError(f"config key '{key}' must be a mapping, got {v!r}")
+            # Free-form mappings (per-family numbers) accept any key.
+            out[k] = {**base[k], **v} if k in FREE_FORM else _merge(base[k], v, key + ".")
+        else:
+            out[k] = _check_type(key, base[k], v)
+    return out
+
+
+FREE_FORM = {"targets", "families"}
+
+
+def _check_type(key: str, default, value):
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return type(default)(value) if isinstance(default, float) or float(value).is_integer() else value
+    if isinstance(default, list):
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return value
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    return value
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
+    """Defaults <- YAML file <- `--set a.b=value` overrides, every key validated against the defaults."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found (try configs/default.yaml or configs/smoke.yaml)")
+    try:
+        user = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    user.pop("extends", None)
+    cfg = _merge(DEFAULTS, user)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set '{item}' must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        node: dict = {}
+        leaf = node
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            leaf[p] = {}
+            leaf = leaf[p]
+        leaf[parts[-1]] = yaml.safe_load(raw)
+        cfg = _merge(cfg, node)
+    cfg["name"] = cfg.get("name") or path.stem
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: dict) -> None:
+    fams = cfg["env"]["families"]
+    for f in fams:
+        if f not in FAMILIES:
+            raise ConfigError(f"env.families: unknown family '{f}' (choose from {', '.join(FAMILIES)})")
+    ex = cfg["executors"]
+    for m in MODEL_NAMES:
+        t = ex[m]["targets"]
+        if not t:
+            raise ConfigError(f"executors.{m}.targets is empty: give 'all' or per-family success targets")
+        for k, v in t.items():
+            if k != "all" and k not in FAMILIES:
+                raise ConfigError(f"executors.{m}.targets: unknown family '{k}'")
+            if not 0 <= v <= 1:
+                raise ConfigError(f"executors.{m}.targets.{k} = {v} must be a success rate in [0, 1]")
+        for k in ("price_in", "price_out"):
+            if ex[m][k] < 0:
+                raise ConfigError(f"executors.{m}.{k} = {ex[m][k]} must be >= 0 ($ per 1M tokens)")
+    for cap in cfg["eval"]["large_call_caps"]:
+        if cap is not None and (not isinstance(cap, int) or cap < 0):
+            raise ConfigError(f"eval.large_call_caps: {cap!r} must be a non-negative integer or null")
+    for cap in cfg["eval"]["dollar_caps"]:
+        if cap < 0:
+            raise ConfigError(f"eval.dollar_caps: {cap} is below zero; a budget must be >= 0")
+    if not 0 <= cfg["bopo"]["eta"] <= 1:
+        raise ConfigError(f"bopo.eta = {cfg['bopo']['eta']} must lie in [0, 1]")
+    if cfg["bopo"]["reward"] not in ("raw", "class"):
+        raise ConfigError(f"bopo.reward = {cfg['bopo']['reward']!r} must be 'raw' or 'class'")
+
+
+def run_dir(cfg: dict) -> Path:
+    d = Path(cfg["out_dir"]) / cfg["name"]
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write to a temp file in the same folder, then rename: a killed run never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj) -> None:
+    atomic_write(path, json.dumps(obj, indent=1, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o))
+
+
+def read_json(path):
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"'{path}' not found: run the earlier stage first (see `make all`)")
+    return json.loads(path.read_text())
+
+
+def append_jsonl(path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=_json_default) + "\n")
+
+
+def fail(msg: str) -> None:
+    """Scripts end on bad input with one line that names the problem and the fix."""
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# ================================================================================================
+# 1. Environment: BabyAI rendered as text
+# ================================================================================================
+# BALROG's five BabyAI families in an 8x8 room without extra distractors, built with upstream
+# minigrid's level machinery (BALROG's own minigrid fork is not on PyPI). Objects are balls and keys
+# only: a wrong `toggle` on a box destroys it.
+FAMILIES = ("goto", "pickup", "open", "putnext", "pick_up_seq_go_to")
+MAX_STEPS = {"goto": 64, "pickup": 64, "open": 128, "putnext": 128, "pick_up_seq_go_to": 128}
+ACTIONS = ("turn left", "turn right", "go forward", "pick up", "drop", "toggle")
+INTERACT = {3, 4, 5}
+
+
+def _make_level(family: str):
+    from minigrid.envs.babyai.core.roomgrid_level import RoomGridLevel
+    from minigrid.envs.babyai.core.verifier import (BeforeInstr, GoToInstr, ObjDesc, OpenInstr,
+                                                    PickupInstr, PutNextInstr)
+
+    def obj(level, kind=None):
+        o, _ = level.add_object(0, 0, kind or level._rand_elem(["ball", "key"]))
+        return o
+
+    class Level(RoomGridLevel):
+        def gen_mission(self):
+            if family == "open":
+                # Two rooms, a locked door between them, its key in the agent's room.
+                door, _ = self.add_door(0, 0, 0, locked=True)
+                self.add_object(0, 0, "key", door.color)
+                self.place_agent(0, 0)
+                self.instrs = OpenInstr(ObjDesc("door", door.color))
+                return
+            a = obj(self)
+            if family in ("goto", "pickup"):
+                self.place_agent(0, 0)
+                d = ObjDesc(a.type, a.color)
+                self.instrs = GoToInstr(d) if family == "goto" else PickupInstr(d)
+                return
+            b = obj(self)
+            while (b.type, b.color) == (a.type, a.color):  # two distinguishable objects
+                self.grid.set(*b.cur_pos, None)
+                b = obj(self)
+            self.place_agent(0, 0)
+            da, db = ObjDesc(a.type, a.color), ObjDesc(b.type, b.color)
+            self.instrs = (PutNextInstr(da, db) if family == "putnext"
+                           else BeforeInstr(PickupInstr(da), GoToInstr(db)))
+
+    cols = 2 if family == "open" else 1
+    return Level(room_size=8, num_rows=1, num_cols=cols, max_steps=MAX_STEPS[family])
+
+
+def describe_view(env) -> tuple[str, set]:
+    """BALROG-style text of the 7x7 egocentric view, and the set of (color, type) in sight.
+
+    One line per visible object ("a red ball 1 step left and 2 steps forward"), doors with their
+    state, the nearest wall straight ahead / left / right, and what the agent carries.
+    """
+    grid, vis = env.gen_obs_grid()
+    ax, ay = grid.width // 2, grid.height - 1  # the agent, facing "up" in view coordinates
+    lines, seen = [], set()
+    for j in range(grid.height - 1, -1, -1):
+        for i in range(grid.width):
+            cell = grid.get(i, j)
+            if not vis[i, j] or cell is None or cell.type == "wall" or (i, j) == (ax, ay):
+                continue
+            dx, dy = i - ax, ay - j
+            where = []
+            if dx:
+                where.append(f"{abs(dx)} step{'s' * (abs(dx) > 1)} {'right' if dx > 0 else 'left'}")
+            if dy:
+                where.append(f"{dy} step{'s' * (dy > 1)} forward")
+            state = ""
+            if cell.type == "door":
+                state = "locked " if cell.is_locked else ("open " if cell.is_open else "closed ")
+            lines.append(f"a {state}{cell.color} {cell.type} {' and '.join(where)}")
+            seen.add((cell.color, cell.type))
+    for name, (di, dj) in (("forward", (0, -1)), ("left", (-1, 0)), ("right", (1, 0))):
+        i, j, k = ax + di, ay + dj, 1
+        while 0 <= i < grid.width and 0 <= j < grid.height and vis[i, j]:
+            c = grid.get(i, j)
+            if c is not None and c.type == "wall":
+                lines.append(f"a wall {k} step{'s' * (k > 1)} {name}")
+                break
+            i, j, k = i + di, j + dj, k + 1
+    if env.carrying is not None:
+        lines.append(f"You carry a {env.carrying.color} {env.carrying.type}")
+    return "\n".join(lines), seen
+
+
+class BabyAITextEnv:
+    """One BabyAI task as text, with an expert (minigrid's BabyAIBot) for the simulated executors.
+
+    Expert after a mistake: BabyAIBot.replan(action) plans to *undo* mistakes (walk back, put things
+    back). We instead rebuild the plan from the remaining instruction and what the agent carries,
+    keeping what the bot has seen: shorter, and it never raised in our measurements
+    (`expert_failures` counts the times it fell back to a fresh bot).
+    """
+
+    def __init__(self, family: str):
+        self.family = family
+        self.level = _make_level(family)
+        self.max_steps = MAX_STEPS[family]
+        self.expert_failures = 0
+
+    # -- public side: what an agent (and the router) sees --------------------------------------
+    def reset(self, seed: int) -> str:
+        import contextlib
+        import io
+        from minigrid.utils.baby_ai_bot import BabyAIBot
+        with contextlib.redirect_stdout(io.StringIO()):  # minigrid prints its rejection sampling
+            self.level.reset(seed=int(seed))
+        self.mission = self.level.mission
+        self.steps, self.done, self.success = 0, False, False
+        self.bot = BabyAIBot(self.level)
+        self._expert = None
+        self.obs, self.seen = describe_view(self.level)
+        return self.obs
+
+    def step(self, action: int) -> str:
+        expert = self.expert_action()
+        _, reward, terminated, truncated, _ = self.level.step(action)
+        self.steps += 1
+        self.success = bool(terminated and reward > 0)
+        self.done = bool(terminated or truncated or self.steps >= self.max_steps)
+        self._expert = None
+        if not self.done:
+            if action != expert:
+                self._rebuild_plan()
+            self.obs, self.seen = describe_view(self.level)
+        return self.obs
+
+    # -- hidden side: simulator internals, never shown to the router ----------------------------
+    def expert_action(self) -> int:
+        if self._expert is None:
+            try:
+                a = int(self.bot.replan(None))
+            except Exception:  # noqa: BLE001 - the bot's asserts; fall back to a fresh plan
+                self.expert_failures += 1
+                self._rebuild_plan(fresh=True)
+                try:
+                    a = int(self.bot.replan(None))
+                except Exception:  # noqa: BLE001
+                    a = 2
+            self._expert = a if a < len(ACTIONS) else 2  # `done` never helps here: go forward
+        return self._expert
+
+    def _remaining_instr(self):
+        from minigrid.envs.babyai.core.verifier import BeforeInstr
+        ins = self.level.instrs
+        if isinstance(ins, BeforeInstr) and ins.a_done == "success":
+            return ins.instr_b
+        return ins
+
+    def _rebuild_plan(self, fresh: bool = False):
+        from minigrid.envs.babyai.core.verifier import PickupInstr, PutNextInstr, BeforeInstr
+        from minigrid.utils.baby_ai_bot import BabyAIBot, DropSubgoal, GoNextToSubgoal
+        old = self.bot
+        bot = BabyAIBot.__new__(BabyAIBot)
+        bot.mission, bot.stack, bot.bfs_counter, bot.bfs_step_counter = self.level, [], 0, 0
+        bot.vis_mask = np.zeros_like(old.vis_mask) if fresh else old.vis_mask
+        bot.prev_fwd_cell = None
+        ins = self._remaining_instr()
+        carrying = self.level.carrying
+        if isinstance(ins, PutNextInstr) and carrying is not None and carrying in ins.desc_move.obj_set:
+            bot.stack.append(DropSubgoal(bot))
+            bot.stack.append(GoNextToSubgoal(bot, ins.desc_fixed, reason="PutNext"))
+        else:
+            bot._process_instr(ins)
+            first = ins.instr_a if isinstance(ins, BeforeInstr) else ins
+            if carrying is not None and isinstance(first, (PickupInstr, PutNextInstr)):
+                bot._process_obs()
+                bot.stack.append(DropSubgoal(bot))  # free the hands before the next pick-up
+                bot.stack.append(GoNextToSubgoal(bot, bot._find_drop_pos()))
+        self.bot = bot
+
+    def needed_in_view(self) -> bool:
+        """Is the object the instruction currently needs in sight? (a difficulty feature)"""
+        from minigrid.envs.babyai.core.verifier import BeforeInstr, PutNextInstr
+        ins = self._remaining_instr()
+        if isinstance(ins, BeforeInstr):
+            ins = ins.instr_a
+        if isinstance(ins, PutNextInstr):
+            desc = ins.desc_fixed if self.level.carrying in ins.desc_move.obj_set else ins.desc_move
+        else:
+            desc = ins.desc
+        return (desc.color, desc.type) in self.seen or (
+            self.level.carrying is not None and desc.type != "door"
+            and (self.level.carrying.color, self.level.carrying.type) == (desc.color, desc.type))
+
+    def door_in_view(self) -> bool:
+        return "locked " in self.obs or "closed " in self.obs
+
+
+# ================================================================================================
+# 2. Executors and cost
+# ================================================================================================
+# An executor produces one agent step. The protocol is small so that a transformers or an HTTP
+# executor can plug in (a later issue): act on an episode's public transcript, return the action and
+# the token usage. The CPU default *simulates* the pair on the real environment:
+#
+#   p_m(s) = sigmoid(theta_{m,f} - beta_m * d(s) - gamma * e_t)      (prob. of the expert action)
+#
+# d(s) = w . [needed object not in view, step needs an interaction, closed/locked door in view]
+# e_t  = the trajectory's errors in the last `error_window` steps (early mistakes compound).
+# theta_{m,f}: one ability per (model, family), *fitted* to published success (calibrate()).
+# beta_small > beta_large is the premise of step-level routing, and an assumption (README).
+# Common random numbers: one uniform draw per (task, rollout seed, step) decides "correct?" and one
+# picks the wrong action, shared by both models, so methods compare on equal footing.
+
+def sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def prompt_tokens(step: int, ex: dict) -> int:
+    """Agent prompt = system text + the last `history` turns: later steps cost more."""
+    return ex["system_tokens"] + ex["turn_tokens"] * min(step, ex["history"])
+
+
+def step_cost(step: int, model: int, ex: dict) -> float:
+    """Dollar cost of one agent step by `model`, from token counts and per-1M list prices."""
+    m = ex[MODEL_NAMES[model]]
+    return (prompt_tokens(step, ex) * m["price_in"] + ex["completion_tokens"] * m["price_out"]) / 1e6
+
+
+class SimulatedExecutors:
+    """The calibrated simulated pair: `act(episode, model)` -> (action, prompt_tokens, completion_tokens)."""
+
+    def __init__(self, ex: dict, theta: dict):
+        self.ex, self.theta = ex, theta  # theta[model_name][family]
+        w = ex["difficulty"]
+        self.w = (w["not_in_view"], w["interaction"], w["door"])
+
+    def difficulty(self, ep) -> float:
+        env = ep.env
+        f = (not env.needed_in_view(), env.expert_action() in INTERACT, env.door_in_view())
+        return sum(wi * fi for wi, fi in zip(self.w, f))
+
+    def p_correct(self, ep, model: int) -> float:
+        name = MODEL_NAMES[model]
+        z = (self.theta[name][ep.family] - self.ex[name]["beta"] * self.difficulty(ep)
+             - self.ex["gamma"] * sum(ep.recent_errors))
+        return sigmoid(z)
+
+    def act(self, ep, model: int):
+        t = ep.env.steps
+        expert = ep.env.expert_action()
+        if ep.u_correct[t] < self.p_correct(ep, model):
+            action = expert
+        else:
+            others = [a for a in range(len(ACTIONS)) if a != expert]
+            action = others[ep.u_wrong[t]]
+        return action, prompt_tokens(t, self.ex), self.ex["completion_tokens"]
+
+
+# ================================================================================================
+# 3. Rollouts: many episodes in lockstep, budget-constrained decoding
+# ================================================================================================
+class Episode:
+    """One (task, rollout seed) played by one routing policy. Holds the public transcript the router
+    reads, the hidden simulator state it must not read, and the budget state."""
+
+    def __init__(self, family: str, task_seed: int, rollout_seed: int, idx: int = 0, stream: int = 0,
+                 env: BabyAITextEnv | None = None):
+        self.family, self.task_seed, self.rollout_seed, self.idx = family, task_seed, rollout_seed, idx
+        self.env = env or BabyAITextEnv(family)
+        self.obs = self.env.reset(task_seed)
+        fam = FAMILIES.index(family)
+        rng = np.random.default_rng([fam, task_seed, rollout_seed])     # common random numbers
+        self.u_correct = rng.random(self.env.max_steps)
+        self.u_wrong = rng.integers(0, len(ACTIONS) - 1, self.env.max_steps)
+        self.stream = stream
+        self.route_rng = np.random.default_rng([fam, task_seed, rollout_seed, 7, stream])
+        self.turns: list[tuple[str, str, int]] = []  # (observation, action text, model) so far
+        self.recent_errors: list[int] = []
+        self.cost, self.n_large, self.done, self.success = 0.0, 0, False, False
+        self.decisions: list[int] = []
+        self.p_large: list[float] = []
+        self.prompts: list[str] = []
+        self.budget_exhausted = False
+
+    @property
+    def t(self) -> int:
+        return self.env.steps
+
+    def summary(self) -> dict:
+        return {"family": self.family, "task": self.task_seed, "seed": self.rollout_seed,
+                "success": int(self.success), "cost": self.cost, "n_large": self.n_large,
+                "steps": self.t, "decisions": self.decisions, "budget_exhausted": self.budget_exhausted}
+
+
+@dataclasses.dataclass
+class Budget:
+    """Hard per-task budget: at most `large_calls` LARGE steps and `dollars` spent (None = no cap)."""
+    large_calls: int | None = None
+    dollars: float | None = None
+
+    def __post_init__(self):
+        if self.large_calls is not None and self.large_calls < 0:
+            raise ConfigError(f"budget large_calls={self.large_calls} is below zero; use >= 0 or null")
+        if self.dollars is not None and self.dollars < 0:
+            raise ConfigError(f"budget dollars={self.dollars} is below zero; use >= 0 or null")
+
+    def allows(self, ep: Episode, model: int, ex: dict) -> bool:
+        if model == LARGE and self.large_calls is not None and ep.n_large >= self.large_calls:
+            return False
+        return self.dollars is None or ep.cost + step_cost(ep.t, model, ex) <= self.dollars * (1 + 1e-12)
+
+    def text(self, ep: Episode) -> str:
+        left = "any" if self.large_calls is None else str(self.large_calls - ep.n_large)
+        return f"step {ep.t} spent {ep.cost * 1e4:.1f} large {ep.n_large} left {left}"
+
+
+def render_prompt(ep: Episode, budget: Budget) -> tuple[str, str]:
+    """The router's state, from the public transcript only: (header, body).
+
+    Header: the task and the budget state. Body: past turns (observation, action, which model acted)
+    and the current observation. The router reads nothing else: not the expert, not the dice.
+    """
+    header = f"task: {ep.env.mission} . {budget.text(ep)} .\n"
+    lines = [f"obs: {o.replace(chr(10), ' , ')} . act {MODEL_NAMES[m].upper()}: {a} .\n" for o, a, m in ep.turns]
+    lines.append(f"obs: {ep.obs.replace(chr(10), ' , ')} . route:")
+    return header, "".join(lines)
+
+
+def decide(p: float, ep: Episode, policy) -> int:
+    """Turn pi(LARGE|s) into a decision: sample (RL, random baselines) or threshold (frontier sweep)."""
+    if policy.sample:
+        return int(ep.route_rng.random() < p)
+    return int(p >= policy.threshold)
+
+
+def rollout(jobs, policy, ex: dict, theta: dict, budget: Budget | None = None, record: bool = False,
+            progress: bool = False) -> list[dict]:
+    """Play every job (family, task_seed, rollout_seed[, stream]) to the end, all in lockstep.
+
+    Before each step the policy scores every live episode at once (one batched router forward);
+    budget-constrained decoding then masks LARGE wherever it would break the cap. If even a SMALL
+    step would break a dollar cap, the episode stops there as a failure: spend never exceeds a cap.
+    """
+    budget = budget or Budget()
+    execs = SimulatedExecutors(ex, theta)
+    envs: dict[str, BabyAITextEnv] = {}
+    eps = []
+    for i, job in enumerate(jobs):
+        fam, task, seed = job[:3]
+        eps.append(Episode(fam, task, seed, idx=i, stream=job[3] if len(job) > 3 else 0))
+        eps[-1].job = tuple(job)
+    live = list(eps)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(eps), desc=getattr(policy, "name", "rollout"), leave=False)
+    while live:
+        if record or getattr(policy, "needs_prompts", False):
+            for ep in live:
+                ep.cur_prompt = render_prompt(ep, budget)
+        ps = policy.p_large(live, execs)
+        for ep, p in zip(live, ps):
+            d = decide(float(p), ep, policy)
+            if d == LARGE and not budget.allows(ep, LARGE, ex):
+                d = SMALL                                   # budget-constrained decoding
+            if not budget.allows(ep, SMALL, ex):            # not even a cheap step fits: stop
+                ep.done, ep.budget_exhausted = True, True
+                continue
+            if record:
+                ep.prompts.append(ep.cur_prompt)
+                ep.p_large.append(float(p))
+            ep.decisions.append(d)
+            action, _, _ = execs.act(ep, d)
+            expert = ep.env.expert_action()
+            ep.cost += step_cost(ep.t, d, ex)
+            ep.n_large += d
+            ep.recent_errors = (ep.recent_errors + [int(action != expert)])[-ex["error_window"]:]
+            ep.turns.append((ep.obs, ACTIONS[action], d))
+            ep.obs = ep.env.step(action)
+            ep.done, ep.success = ep.env.done, ep.env.success
+        still = [ep for ep in live if not ep.done]
+        if bar is not None:
+            bar.update(len(live) - len(still))
+        live = still
+    if bar is not None:
+        bar.close()
+    out = []
+    for ep in eps:
+        s = ep.summary()
+        if record:
+            s["prompts"], s["p_large"] = ep.prompts, ep.p_large
+        out.append(s)
+    return out
+
+
+# -- routing policies (picklable specs, built inside worker processes) ---------------------------
+class StaticPolicy:
+    """always_small (p=0), always_large (p=1), random-p (sampled), first_large-k, replay."""
+    needs_prompts = False
+
+    def __init__(self, kind: str, knob=None):
+        self.kind, self.knob, self.name = kind, knob, kind
+        self.sample, self.threshold = kind == "random", 0.5
+
+    def p_large(self, eps, execs):
+        if self.kind == "always_small":
+            return np.zeros(len(eps))
+        if self.kind == "always_large":
+            return np.ones(len(eps))
+        if self.kind == "random":
+            return np.full(len(eps), float(self.knob))
+        if self.kind == "first_large":
+            return np.array([float(ep.t < self.knob) for ep in eps])
+        if self.kind == "replay":  # knob: {job tuple: decision list}
+            return np.array([float(self.knob[ep.job][ep.t]) for ep in eps])
+        raise ValueError(self.kind)
+
+
+class PrivilegedPolicy:
+    """Upper bound, not a router: reads the simulator's true p_small(s), p_large(s); LARGE iff the
+    gap p_large - p_small >= knob. No router that reads only the text beats it in expectation."""
+    needs_prompts, sample, name = False, False, "privileged"
+
+    def __init__(self, knob: float):
+        self.threshold = knob
+
+    def p_large(self, eps, execs):
+        return np.array([execs.p_correct(ep, LARGE) - execs.p_correct(ep, SMALL) for ep in eps])
+
+
+def make_policy(spec):
+    kind = spec[0]
+    if kind == "privileged":
+        return PrivilegedPolicy(spec[1])
+    if kind == "stratified":
+        return StratifiedPolicy(spec[1])
+    if kind == "router":
+        _, path, state, threshold = spec
+        return RouterPolicy(load_router_cached(path, state), threshold)
+    return StaticPolicy(kind, spec[1] if len(spec) > 1 else None)
+
+
+def _worker(args):
+    jobs, spec, ex, theta, budget, record = args
+    import torch
+    torch.set_num_threads(1)
+    return rollout(jobs, make_policy(spec), ex, theta, budget, record)
+
+
+_POOL = None
+
+
+def pool(n: int):
+    global _POOL
+    if _POOL is None and n > 1:
+        import multiprocessing as mp
+        _POOL = mp.get_context("spawn").Pool(n)
+    return _POOL
+
+
+def run(jobs, spec, cfg: dict, theta: dict, budget: Budget | None = None, record: bool = False,
+        desc: str | None = None) -> list[dict]:
+    """Rollouts of `jobs` under the policy `spec`, split over `cfg.workers` processes (results in
+    job order). Chunks interleave families so that the workers finish together."""
+    n = max(1, min(cfg["workers"], len(jobs)))
+    ex = cfg["executors"]
+    if n == 1:
+        return rollout(jobs, make_policy(spec), ex, theta, budget, record, progress=desc is not None)
+    chunks = max(n, min(len(jobs) // 8, 4 * n))
+    parts = [jobs[i::chunks] for i in range(chunks)]
+    from tqdm import tqdm
+    res = [None] * chunks
+    it = pool(n).imap(_worker, [(p, spec, ex, theta, budget, record) for p in parts])
+    for i, r in enumerate(tqdm(it, total=chunks, desc=desc, leave=False, disable=desc is None)):
+        res[i] = r
+    out = [None] * len(jobs)
+    for i, r in enumerate(res):
+        out[i::chunks] = r
+    return out
+
+
+# ================================================================================================
+# 4. Boundary training data: calibration, boundary policies, taxonomy, stratified sampling
+# ================================================================================================
+def task_list(cfg: dict, split: str) -> list[tuple[str, int]]:
+    """Tasks are (family, seed). Test seeds start at `test_seed_offset`: disjoint from training."""
+    e = cfg["env"]
+    if split == "train":
+        return [(f, s) for f in e["families"] for s in range(e["train_tasks_per_family"])]
+    off = e["test_seed_offset"]
+    return [(f, off + s) for f in e["families"] for s in range(e["test_tasks_per_family"])]
+
+
+def targets_of(cfg: dict, model: str) -> dict:
+    """Success targets per family (clipped), or {'all': x} for a pair with only an aggregate figure."""
+    lo, hi = cfg["calibration"]["clip"]
+    return {k: min(max(v, lo), hi) for k, v in cfg["executors"][model]["targets"].items()}
+
+
+def calibrate(cfg: dict, log=print) -> dict:
+    """Fit theta_{m,f} by bisection so that always-m reaches the published success on training tasks.
+
+    With common random numbers success is monotone in theta, so bisection is exact up to the sample.
+    A pair with only an aggregate figure ('all') gets one theta per model shared by all families.
+    """
+    c, fams = cfg["calibration"], cfg["env"]["families"]
+    jobs_of = {f: [(f, s, r) for s in range(c["tasks_per_family"]) for r in range(c["seeds"])] for f in fams}
+    groups = {}  # (model, group) -> families, where group is a family or 'all'
+    for m in MODEL_NAMES:
+        t = targets_of(cfg, m)
+        for g in (["all"] if "all" in t else fams):
+            groups[(m, g)] = (fams if g == "all" else [g], t[g])
+    lo = {k: c["lo"] for k in groups}
+    hi = {k: c["hi"] for k in groups}
+    for it in range(c["iters"]):
+        mid = {k: (lo[k] + hi[k]) / 2 for k in groups}
+        theta = {m: {f: mid[(m, g)] for (mm, g), (fs, _) in groups.items() if mm == m for f in fs}
+                 for m in MODEL_NAMES}
+        succ = {}
+        for m in MODEL_NAMES:
+            jobs = [j for (mm, g), (fs, _) in groups.items() if mm == m for f in fs for j in jobs_of[f]]
+            res = run(jobs, (f"always_{m}",), cfg, theta)
+            for (mm, g), (fs, target) in groups.items():
+                if mm == m:
+                    succ[(m, g)] = np.mean([r["success"] for r in res if r["family"] in fs])
+        for k, (_, target) in groups.items():
+            (lo if succ[k] < target else hi)[k] = mid[k]
+        log(f"calibration iter {it + 1}/{c['iters']}: " + " ".join(
+            f"{m[0]}.{g}={succ[(m, g)]:.2f}" for m, g in groups))
+    return {m: {f: (lo[(m, g)] + hi[(m, g)]) / 2 for (mm, g), (fs, _) in groups.items() if mm == m
+                for f in fs} for m in MODEL_NAMES}
+
+
+def boundary_stats(results_small: list[dict], results_large: list[dict]) -> dict:
+    """Per task: success rates s_S, s_L and mean costs C_S, C_L of the K boundary rollouts each."""
+    by = {}
+    for name, res in (("S", results_small), ("L", results_large)):
+        for r in res:
+            d = by.setdefault(f"{r['family']}/{r['task']}", {"family": r["family"], "task": r["task"]})
+            d.setdefault("succ_" + name, []).append(r["success"])
+            d.setdefault("cost_" + name, []).append(r["cost"])
+    for d in by.values():
+        d["s_S"], d["s_L"] = float(np.mean(d["succ_S"])), float(np.mean(d["succ_L"]))
+        d["C_S"], d["C_L"] = float(np.mean(d["cost_S"])), float(np.mean(d["cost_L"]))
+    return by
+
+
+def classify(s_S: float, s_L: float, tau_easy: float, delta: float) -> str:
+    """Easy if the cheap model alone is good enough; Hard if the expensive one clearly helps;
+    else Intractable (neither boundary solves it: fail cheaply)."""
+    if s_S >= tau_easy:
+        return "easy"
+    if s_L - s_S >= delta:
+        return "hard"
+    return "intractable"
+
+
+def strata_jobs(task: tuple[str, int], N: int, per_stratum: int, seed0: int = 0) -> list[tuple]:
+    """Stratified sampling: per_stratum rollouts in each stratum p = k/N, k = 0..N. The job's stream
+    index encodes k, so the routing coin of each stratum is its own reproducible stream."""
+    f, s = task
+    return [(f, s, seed0 + r, k) for k in range(N + 1) for r in range(per_stratum)]
+
+
+def cheapest_success(results: list[dict]) -> dict | None:
+    """tau* = argmin_{S(tau)=1} C(tau), or None if nothing succeeded."""
+    wins = [r for r in results if r["success"]]
+    return min(wins, key=lambda r: r["cost"]) if wins else None
+
+
+class StratifiedPolicy(StaticPolicy):
+    """Each episode routes LARGE with probability p = k/N, k from its job's stream index."""
+
+    def __init__(self, N: int):
+        super().__init__("random", None)
+        self.N, self.name = N, "stratified"
+
+    def p_large(self, eps, execs):
+        return np.array([ep.stream / self.N for ep in eps])
+
+
+# ================================================================================================
+# 5. Router: a causal LM that reads the transcript and emits SMALL or LARGE
+# ================================================================================================
+# pi(LARGE|s) = softmax(logits[last position, (id_SMALL, id_LARGE)])[1]. The CPU default is a small
+# Qwen2-style model trained from scratch with a word-level tokenizer trained on the environment's
+# text; a GPU config names any pretrained AutoModelForCausalLM instead (router.pretrained). One path.
+LABELS = (" SMALL", " LARGE")
+
+
+def train_tokenizer(texts, vocab_size: int):
+    """Word-level tokenizer on environment text (digits split), wrapped as a transformers tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
+                                                 pre_tokenizers.Digits(individual_digits=True)])
+    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "SMALL", "LARGE"])
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+
+
+class Router:
+    """Wraps (model, tokenizer): prompt encoding with left truncation, batched pi(LARGE|s)."""
+
+    def __init__(self, model, tok, context: int):
+        import torch
+        self.model, self.tok, self.context = model, tok, context
+        ids = [tok.encode(w, add_special_tokens=False) for w in LABELS]
+        if any(len(i) == 0 for i in ids) or ids[0][0] == ids[1][0]:
+            raise ConfigError(f"router tokenizer cannot tell the labels {LABELS} apart: {ids}")
+        self.label_ids = torch.tensor([ids[0][0], ids[1][0]])
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def create(cls, cfg: dict, texts=None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+        r = cfg["router"]
+        torch.manual_seed(cfg["seed"])
+        dtype = getattr(torch, r["dtype"])
+        if r["pretrained"]:
+            tok = AutoTokenizer.from_pretrained(r["pretrained"])
+            model = AutoModelForCausalLM.from_pretrained(r["pretrained"], dtype=dtype)
+        else:
+            tok = train_tokenizer(texts, r["vocab_size"])
+            conf = Qwen2Config(vocab_size=max(tok.get_vocab().values()) + 1, hidden_size=r["hidden"], num_hidden_layers=r["layers"],
+                               num_attention_heads=r["heads"], num_key_value_heads=r["kv_heads"],
+                               intermediate_size=r["intermediate"], max_position_embeddings=r["context"] + 8,
+                               tie_word_embeddings=True, pad_token_id=tok.pad_token_id)
+            model = Qwen2ForCausalLM(conf).to(dtype)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return cls(model.to(r["device"]), tok, r["context"])
+
+    @classmethod
+    def load(cls, path, device: str = "cpu"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"no router checkpoint at '{path}': run the training stage first")
+        meta = json.loads((path / "router.json").read_text())
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path).to(device)
+        return cls(model, tok, meta["context"])
+
+    def save(self, path) -> None:
+        """save_pretrained into a temp folder, then rename: a checkpoint is whole or absent."""
+        import shutil
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp)
+        self.tok.save_pretrained(tmp)
+        (tmp / "router.json").write_text(json.dumps({"context": self.context, "labels": LABELS}))
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+
+    def encode(self, prompts: list[tuple[str, str]]) -> list[list[int]]:
+        """Token ids of (header, body) prompts, truncated from the left of the body to `context`."""
+        heads = self.tok([h for h, _ in prompts], add_special_tokens=False)["input_ids"]
+        bodies = self.tok([b for _, b in prompts], add_special_tokens=False)["input_ids"]
+        return [h + b[max(0, len(b) - (self.context - len(h))):] for h, b in zip(heads, bodies)]
+
+    def label_logits(self, ids: list[list[int]]):
+        """Logits of (SMALL, LARGE) at the last position of each (left-padded) prompt: [B, 2]."""
+        import torch
+        n = max(len(x) for x in ids)
+        pad = self.tok.pad_token_id
+        inp = torch.tensor([[pad] * (n - len(x)) + x for x in ids], device=self.device)
+        mask = torch.tensor([[0] * (n - len(x)) + [1] * len(x) for x in ids], device=self.device)
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        out = self.model(input_ids=inp, attention_mask=mask, position_ids=pos, logits_to_keep=1)
+        return out.logits[:, -1, :].index_select(1, self.label_ids.to(self.device)).float()
+
+    def p_large(self, prompts: list[tuple[str, str]], batch: int = 256) -> np.ndarray:
+        import torch
+        ids = self.encode(prompts)
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(ids), batch):
+                out.append(torch.softmax(self.label_logits(ids[i:i + batch]), -1)[:, 1].cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0)
+
+
+_ROUTERS: dict = {}
+
+
+def load_router_cached(path, state=None) -> Router:
+    """Workers keep routers loaded; `state` (a state_dict, e.g. the RL policy of this iteration)
+    overrides the checkpoint's weights."""
+    key = str(path)
+    if key not in _ROUTERS:
+        _ROUTERS[key] = Router.load(path)
+    r = _ROUTERS[key]
+    if state is not None:
+        r.model.load_state_dict(state)
+    elif getattr(r, "_dirty", False):
+        r.model.load_state_dict(Router.load(path).model.state_dict())
+    r._dirty = state is not None
+    r.model.eval()
+    return r
+
+
+class RouterPolicy:
+    """A learned router: LARGE iff pi(LARGE|s) >= threshold, or sampled when threshold is None."""
+    needs_prompts, name = True, "router"
+
+    def __init__(self, router: Router, threshold: float | None):
+        self.router, self.threshold, self.sample = router, threshold, threshold is None
+
+    def p_large(self, eps, execs):
+        return self.router.p_large([ep.cur_prompt for ep in eps])
+
+
+# ================================================================================================
+# 6. Losses: SFT and BoPO
+# ================================================================================================
+def sft_loss(logits2, labels, large_weight: float = 1.0):
+    """Cross-entropy on the label token at every decision: logits2 [B, 2] over (SMALL, LARGE)."""
+    import torch
+    import torch.nn.functional as F
+    w = torch.tensor([1.0, large_weight], device=logits2.device)
+    return F.cross_entropy(logits2, labels, weight=w)
+
+
+def normalized_cost(C, C_L):
+    """c_hat(tau) = C(tau) / C_L(x): always-large costs about 1 on every task."""
+    return np.asarray(C, dtype=float) / C_L
+
+
+def task_reward(S, c_hat, lam: float, mode: str = "raw", cls: str = "hard"):
+    """r(tau).  raw:   S - lam * c_hat  on every task.
+    class (boundary-calibrated cost):  Easy         S - lam * c_hat
+                                       Hard         S * (1 - lam * c_hat)   a failure earns nothing for being cheap
+                                       Intractable  -lam * c_hat            only the cost counts: fail cheaply"""
+    S, c = np.asarray(S, dtype=float), np.asarray(c_hat, dtype=float)
+    if mode == "raw" or cls == "easy":
+        return S - lam * c
+    if cls == "hard":
+        return S * (1 - lam * c)
+    if cls == "intractable":
+        return -lam * c
+    raise ValueError(cls)
+
+
+def boundary_reference(r_small, r_large) -> float:
+    """b(x) = max(mean r(always-small), mean r(always-large)): the better static policy on this task.
+    With the raw reward this is max(s_S - lam C_S/C_L, s_L - lam)."""
+    return float(max(np.mean(r_small), np.mean(r_large)))
+
+
+def advantages(R, eta: float, sigma_min: float, R_ref=None):
+    """Reference-guided advantage of the G rollouts of one task:
+
+        A_i = (R_i - (1 - eta) * mean_j R_j) / (std + sigma_min)
+
+    eta = 0 is the GRPO group baseline (a constant shift of R, such as -b(x), cancels). With eta > 0
+    part of the baseline is the boundary policy itself (R is already R = r - b(x)): when every
+    rollout of a Hard task fails, all get a negative advantage instead of the cheapest failure being
+    rewarded. The std is taken over the group together with the boundary rollouts' R_ref when given,
+    so that a group of ties does not blow a small non-zero R up by 1/sigma_min."""
+    R = np.asarray(R, dtype=float)
+    pool_ = R if R_ref is None else np.concatenate([R, np.asarray(R_ref, dtype=float)])
+    return (R - (1 - eta) * R.mean()) / (pool_.std() + sigma_min)
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def clipped_surrogate(logp, logp_old, adv, eps: float):
+    """PPO: -min(rho * A, clip(rho, 1 - eps, 1 + eps) * A), rho = pi / pi_old on the label taken."""
+    import torch
+    ratio = torch.exp(logp - logp_old)
+    return -torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
+
+
+def k3_kl(logp, logp_ref):
+    """k3 estimator of KL(pi || pi_ref) from samples of pi: exp(d) - d - 1, d = log pi_ref - log pi."""
+    import torch
+    d = logp_ref - logp
+    return torch.exp(d) - d - 1
+
+
+def bopo_loss(logp, logp_old, logp_ref, adv, mask, eps: float, kl_beta: float):
+    """Masked mean over decisions of the clipped surrogate + beta * k3 KL to the SFT policy.
+    Each decision carries its trajectory's advantage. Returns (loss, stats)."""
+    import torch
+    surr = clipped_surrogate(logp, logp_old, adv, eps)
+    kl = k3_kl(logp, logp_ref)
+    loss = masked_mean(surr + kl_beta * kl, mask)
+    with torch.no_grad():
+        ratio = torch.exp(logp - logp_old)
+        stats = {"losses/policy": masked_mean(surr, mask).item(), "losses/kl_ref": masked_mean(kl, mask).item(),
+                 "losses/approx_kl": masked_mean((ratio - 1) - (logp - logp_old), mask).item(),
+                 "losses/clipfrac": masked_mean(((ratio - 1).abs() > eps).float(), mask).item()}
+    return loss, stats
+
+
+# ================================================================================================
+# 7. Metrics: the cost-success frontier
+# ================================================================================================
+# A method gives points (mean cost C, success SR), one per knob value. Normalise against the two
+# boundaries on the same tasks and draws:  c_hat = (C - C_S) / (C_L - C_S),  PGR = (SR - SR_S)/(SR_L - SR_S).
+# The frontier is the non-decreasing envelope of the points plus the always-small anchor (every
+# router can route all-SMALL), linearly interpolated and flat after its last point.
+# AUC = integral of the SR frontier over c_hat in [0, 1]; APGR = the same for PGR (RouteLLM);
+# CPT(q) = the least c_hat at which the PGR frontier reaches q.
+
+def envelope(xs, ys, anchor: tuple[float, float]):
+    """Non-decreasing (Pareto) envelope: sorted by cost, keep points better than all cheaper ones."""
+    pts = sorted(zip([anchor[0], *xs], [anchor[1], *ys]), key=lambda p: (p[0], -p[1]))
+    ex, ey = [], []
+    for x, y in pts:
+        if not ey or y > ey[-1]:
+            ex.append(max(x, 0.0))
+            ey.append(y)
+    return np.array(ex), np.array(ey)
+
+
+def frontier_area(xs, ys, anchor: tuple[float, float]) -> float:
+    """Exact integral over [0, 1] of the interpolated envelope (piecewise linear, so trapezoids)."""
+    ex, ey = envelope(xs, ys, anchor)
+    grid = np.unique(np.clip(np.concatenate([[0.0, 1.0], ex]), 0, 1))
+    return float(np.trapezoid(np.interp(grid, ex, ey), grid))
+
+
+def cpt(xs, pgr, level: float) -> float | None:
+    """Cost (normalised) to reach a PGR level on the interpolated envelope; None if never reached."""
+    ex, ey = envelope(xs, pgr, (0.0, 0.0))
+    for i in range(len(ex)):
+        if ey[i] >= level:
+            if i == 0:
+                return float(ex[0])
+            x0, x1, y0, y1 = ex[i - 1], ex[i], ey[i - 1], ey[i]
+            return float(x0 + (level - y0) * (x1 - x0) / (y1 - y0))
+    return None
+
+
+def frontier_metrics(points: list[dict], bounds: dict) -> dict:
+    """AUC, APGR, CPT50/80 and cost to match always-large (within 1 point of its success) for one
+    method's points, against bounds = {SR_S, SR_L, C_S, C_L} on the same tasks and draws."""
+    dC = bounds["C_L"] - bounds["C_S"]
+    dS = bounds["SR_L"] - bounds["SR_S"]
+    xs = [(p["mean_cost"] - bounds["C_S"]) / dC for p in points]
+    sr = [p["success_rate"] for p in points]
+    pgr = [(s - bounds["SR_S"]) / dS for s in sr]
+    match = [p["mean_cost"] for p in points if p["success_rate"] >= bounds["SR_L"] - 0.01]
+    return {"auc": frontier_area(xs, sr, (0.0, bounds["SR_S"])), "apgr": frontier_area(xs, pgr, (0.0, 0.0)),
+            "cpt50": cpt(xs, pgr, 0.5), "cpt80": cpt(xs, pgr, 0.8),
+            "cost_to_match_large": min(match) if match else None}
+
+
+def bootstrap_ci(per_task: np.ndarray, n: int = 1000, seed: int = 0) -> list[float]:
+    """95% interval of the mean over tasks, resampling tasks (each task's seeds stay together)."""
+    per_task = np.asarray(per_task, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = per_task[rng.integers(0, len(per_task), (n, len(per_task)))].mean(1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def summarize(results: list[dict], classes: dict | None = None) -> dict:
+    """Success rate, mean cost, large-call rate of a list of episode summaries (+ per class)."""
+    def s(rs):
+        steps = sum(r["steps"] for r in rs)
+        return {"success_rate": float(np.mean([r["success"] for r in rs])),
+                "mean_cost": float(np.mean([r["cost"] for r in rs])),
+                "large_call_rate": sum(r["n_large"] for r in rs) / max(steps, 1), "episodes": len(rs)}
+    out = s(results)
+    if classes:
+        out["by_class"] = {}
+        for c in ("easy", "hard", "intractable"):
+            rs = [r for r in results if classes.get(f"{r['family']}/{r['task']}") == c]
+            if rs:
+                out["by_class"][c] = s(rs)
+    return out
+
+
+# ================================================================================================
+# Script plumbing (shared by synthesize.py, train_sft.py, train_bopo.py, evaluate.py)
+# ================================================================================================
+def cli(description: str, argv=None) -> dict:
+    import argparse
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--config", default="configs/default.yaml", help="YAML config (see configs/defaults.yaml)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key, e.g. --set bopo.iters=5 (repeatable)")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as e:
+        fail(str(e))
+    d = run_dir(cfg)
+    write_json(d / "config.json", cfg)
+    return cfg
+
+
+def record_time(cfg: dict, stage: str, seconds: float) -> None:
+    p = run_dir(cfg) / "timing.json"
+    t = json.loads(p.read_text()) if p.is_file() else {}
+    t[stage] = round(seconds, 1)
+    write_json(p, t)
+
+
+def load_stage(cfg: dict, name: str):
+    return read_json(run_dir(cfg) / name)

@@ -1,0 +1,101 @@
+"""Stage 1: boundary-guided SFT data.
+
+calibrate the simulated pair -> boundary rollouts (always-small, always-large; K each per training task)
+-> taxonomy Easy / Hard / Intractable -> stratified sampling on Hard tasks -> cheapest successful
+trajectory -> per-decision labels (replayed to render the router's prompts exactly as at inference).
+
+    python synthesize.py --config configs/default.yaml
+"""
+import time
+from collections import Counter
+
+import numpy as np
+
+import bar
+
+
+def main(argv=None):
+    cfg = bar.cli(__doc__.splitlines()[0], argv)
+    t0 = time.time()
+    d = bar.run_dir(cfg)
+
+    # 1. Fit the simulated pair's abilities to the published success rates (cached per run).
+    if (d / "calibration.json").is_file():
+        theta = bar.read_json(d / "calibration.json")["theta"]
+        print(f"calibration: reusing {d / 'calibration.json'}")
+    else:
+        theta = bar.calibrate(cfg)
+        bar.write_json(d / "calibration.json", {"theta": theta})
+
+    # 2. Boundary policies on every training task, K rollouts each.
+    K, tax = cfg["taxonomy"]["K"], cfg["taxonomy"]
+    tasks = bar.task_list(cfg, "train")
+    jobs = [(f, s, r) for f, s in tasks for r in range(K)]
+    res = {m: bar.run(jobs, (f"always_{m}",), cfg, theta, desc=f"boundary always_{m}") for m in bar.MODEL_NAMES}
+    stats = bar.boundary_stats(res["small"], res["large"])
+    for st in stats.values():
+        st["class"] = bar.classify(st["s_S"], st["s_L"], tax["tau_easy"], tax["delta"])
+    boundaries = {}
+    for m in bar.MODEL_NAMES:
+        tg = bar.targets_of(cfg, m)
+        meas = {f: float(np.mean([r["success"] for r in res[m] if r["family"] == f])) for f in cfg["env"]["families"]}
+        meas["all"] = float(np.mean([r["success"] for r in res[m]]))
+        target_all = tg.get("all", float(np.mean([tg[f] for f in cfg["env"]["families"]])))
+        boundaries[m] = {"target": target_all, "measured": meas["all"], "per_family":
+                         {f: {"target": tg.get(f, tg.get("all")), "measured": meas[f]} for f in cfg["env"]["families"]}}
+        print(f"boundary {m:5s}: success {meas['all']:.3f} (target {target_all:.3f}); " +
+              " ".join(f"{f}={meas[f]:.2f}/{tg.get(f, tg.get('all')):.2f}" for f in cfg["env"]["families"]))
+
+    # 3. Stratified sampling on Hard tasks: p = k/N, keep the cheapest success.
+    hard = [(st["family"], st["task"]) for st in stats.values() if st["class"] == "hard"]
+    sp = cfg["sampler"]
+    sjobs = [j for t in hard for j in bar.strata_jobs(t, sp["N"], sp["per_stratum"])]
+    sres = bar.run(sjobs, ("stratified", sp["N"]), cfg, theta, desc="stratified sampling") if sjobs else []
+    by_task = {}
+    for j, r in zip(sjobs, sres):
+        r["stream"] = j[3]
+        by_task.setdefault((r["family"], r["task"]), []).append(r)
+    large_by_task = {}
+    for r in res["large"]:
+        large_by_task.setdefault((r["family"], r["task"]), []).append(r)
+
+    # 4. The label trajectory of every task, replayed with prompts recorded.
+    chosen, source = [], Counter()
+    for st in stats.values():
+        key = (st["family"], st["task"])
+        if st["class"] == "hard":
+            best = bar.cheapest_success(by_task.get(key, []))
+            src = "stratified"
+            if best is None:  # no stratum succeeded: a successful always-large rollout
+                best, src = bar.cheapest_success(large_by_task[key]), "always_large"
+            if best is None:
+                source["hard_unsolved"] += 1
+                continue
+            source[src] += 1
+            chosen.append(((key[0], key[1], best["seed"], best.get("stream", 0)), best["decisions"], st["class"]))
+        else:  # Easy and Intractable: all-SMALL labels (Intractable: fail cheaply)
+            r0 = next(r for r in res["small"] if (r["family"], r["task"]) == key)
+            chosen.append(((key[0], key[1], r0["seed"]), r0["decisions"], st["class"]))
+    replay = {job: dec for job, dec, _ in chosen}
+    rep = bar.run([job for job, _, _ in chosen], ("replay", replay), cfg, theta, record=True, desc="replay labels")
+    rows = []
+    for (job, dec, cls), r in zip(chosen, rep):
+        assert r["decisions"] == dec, "replay diverged: the simulator is not deterministic"
+        for (h, b), lab in zip(r["prompts"], r["decisions"]):
+            rows.append({"header": h, "body": b, "label": lab, "family": job[0], "task": job[1], "class": cls})
+    bar.atomic_write(d / "sft_data.jsonl", "".join(bar.json.dumps(x) + "\n" for x in rows))
+
+    classes = Counter(st["class"] for st in stats.values())
+    labels = Counter(x["label"] for x in rows)
+    summary = {"theta": theta, "boundaries": boundaries, "classes": dict(classes), "label_source": dict(source),
+               "labels": {"SMALL": labels[0], "LARGE": labels[1]}, "decisions": len(rows),
+               "stratified_rollouts": len(sjobs)}
+    bar.write_json(d / "boundary.json", {"tasks": list(stats.values()), **summary})
+    print(f"classes: {dict(classes)}; hard labels from {dict(source)}")
+    print(f"SFT data: {len(rows)} decisions, LARGE share {labels[1] / max(len(rows), 1):.3f} -> {d / 'sft_data.jsonl'}")
+    bar.record_time(cfg, "synth", time.time() - t0)
+    print(f"synth done in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
