@@ -640,8 +640,18 @@ def pool(n: int):
     global _POOL
     if _POOL is None and n > 1:
         import multiprocessing as mp
+        import atexit
         _POOL = mp.get_context("spawn").Pool(n)
+        atexit.register(_close_pool)
     return _POOL
+
+
+def _close_pool():
+    global _POOL
+    if _POOL is not None:
+        _POOL.close()
+        _POOL.join()
+        _POOL = None
 
 
 def run(jobs, spec, cfg: dict, theta: dict, budget: Budget | None = None, record: bool = False,
