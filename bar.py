@@ -212,6 +212,17 @@ def _make_level(family: str):
         return o
 
     class Level(RoomGridLevel):
+        # Speed: the text wrapper, the bot and the env all ask for the egocentric view at each step;
+        # compute it once per state, and skip the image observation that nothing here reads.
+        def gen_obs_grid(self, agent_view_size=None):
+            key = (self.step_count, id(self.grid), agent_view_size)
+            if getattr(self, "_view_key", None) != key:
+                self._view, self._view_key = super().gen_obs_grid(agent_view_size), key
+            return self._view
+
+        def gen_obs(self):
+            return {"mission": self.mission}
+
         def gen_mission(self):
             if family == "open":
                 # Two rooms, a locked door between them, its key in the agent's room.
@@ -475,7 +486,8 @@ class Episode:
     def summary(self) -> dict:
         return {"family": self.family, "task": self.task_seed, "seed": self.rollout_seed,
                 "success": int(self.success), "cost": self.cost, "n_large": self.n_large,
-                "steps": self.t, "decisions": self.decisions, "budget_exhausted": self.budget_exhausted}
+                "steps": self.t, "decisions": self.decisions, "budget_exhausted": self.budget_exhausted,
+                "expert_failures": self.env.expert_failures}
 
 
 @dataclasses.dataclass
@@ -836,7 +848,11 @@ class Router:
         if not (path / "config.json").is_file():
             raise ConfigError(f"no router checkpoint at '{path}': run the training stage first")
         meta = json.loads((path / "router.json").read_text())
-        tok = AutoTokenizer.from_pretrained(path)
+        if meta.get("scratch_tokenizer"):  # our word-level tokenizer: load the exact tokenizer.json
+            from transformers import PreTrainedTokenizerFast
+            tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), pad_token="[PAD]", unk_token="[UNK]")
+        else:
+            tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path).to(device)
         return cls(model, tok, meta["context"])
 
@@ -848,7 +864,9 @@ class Router:
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(tmp)
         self.tok.save_pretrained(tmp)
-        (tmp / "router.json").write_text(json.dumps({"context": self.context, "labels": LABELS}))
+        scratch = "[PAD]" in self.tok.get_vocab() and self.tok.pad_token == "[PAD]"
+        (tmp / "router.json").write_text(json.dumps({"context": self.context, "labels": LABELS,
+                                                     "scratch_tokenizer": scratch}))
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
 
@@ -1090,6 +1108,14 @@ def cli(description: str, argv=None) -> dict:
     d = run_dir(cfg)
     write_json(d / "config.json", cfg)
     return cfg
+
+
+def entry(main) -> None:
+    """Run a script's main; bad input (ConfigError) ends with one line, not a traceback."""
+    try:
+        main()
+    except ConfigError as e:
+        fail(str(e))
 
 
 def record_time(cfg: dict, stage: str, seconds: float) -> None:

@@ -251,4 +251,4 @@ def _png(fig) -> bytes:
 
 
 if __name__ == "__main__":
-    main()
+    bar.entry(main)

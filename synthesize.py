@@ -89,13 +89,16 @@ def main(argv=None):
     labels = Counter(x["label"] for x in rows)
     summary = {"theta": theta, "boundaries": boundaries, "classes": dict(classes), "label_source": dict(source),
                "labels": {"SMALL": labels[0], "LARGE": labels[1]}, "decisions": len(rows),
-               "stratified_rollouts": len(sjobs)}
+               "stratified_rollouts": len(sjobs),
+               "expert_failures": sum(r["expert_failures"] for rs in (res["small"], res["large"], sres) for r in rs),
+               "boundary_steps": sum(r["steps"] for rs in res.values() for r in rs)}
     bar.write_json(d / "boundary.json", {"tasks": list(stats.values()), **summary})
-    print(f"classes: {dict(classes)}; hard labels from {dict(source)}")
+    print(f"classes: {dict(classes)}; hard labels from {dict(source)}; expert fell back to a fresh "
+          f"plan {summary['expert_failures']} times in {summary['boundary_steps']} boundary steps")
     print(f"SFT data: {len(rows)} decisions, LARGE share {labels[1] / max(len(rows), 1):.3f} -> {d / 'sft_data.jsonl'}")
     bar.record_time(cfg, "synth", time.time() - t0)
     print(f"synth done in {time.time() - t0:.0f}s")
 
 
 if __name__ == "__main__":
-    main()
+    bar.entry(main)

@@ -1,0 +1,86 @@
+"""Environment text, the expert, the router's view of the world, and the router itself."""
+import numpy as np
+import pytest
+import torch
+
+import bar
+
+CFG = bar.load_config(bar.Path(bar.__file__).with_name("configs") / "smoke.yaml")
+EX = CFG["executors"]
+
+
+def test_families_render_balrog_text_and_the_expert_solves_them():
+    perfect = {m: {f: 50.0 for f in bar.FAMILIES} for m in bar.MODEL_NAMES}
+    ex = {**EX, "gamma": 0.0}
+    for fam in bar.FAMILIES:
+        env = bar.BabyAITextEnv(fam)
+        obs = env.reset(1)
+        assert "wall" in obs or "ball" in obs or "key" in obs or "door" in obs
+        assert env.max_steps == bar.MAX_STEPS[fam]
+        res = bar.rollout([(fam, s, 0) for s in range(8)], bar.StaticPolicy("always_small"), ex, perfect)
+        assert all(r["success"] for r in res), fam        # the expert always finishes the task
+        assert all(r["expert_failures"] == 0 for r in res)
+    env = bar.BabyAITextEnv("open")
+    env.reset(0)
+    assert "door" in env.mission
+
+
+def test_expert_recovers_after_mistakes():
+    """A noisy executor still succeeds often: the plan is rebuilt after each deviation."""
+    theta = {m: {f: 2.5 for f in bar.FAMILIES} for m in bar.MODEL_NAMES}
+    res = bar.rollout([(f, s, 1) for f in bar.FAMILIES for s in range(6)], bar.StaticPolicy("always_large"), EX, theta)
+    assert np.mean([r["success"] for r in res]) > 0.5
+    assert sum(r["expert_failures"] for r in res) == 0
+
+
+def test_prompt_reads_only_the_public_transcript():
+    ep = bar.Episode("pickup", 7, 0)
+    ep.turns = [("a wall 1 step forward", "turn left", bar.LARGE)]
+    before = bar.render_prompt(ep, bar.Budget())
+    # Change every piece of hidden simulator state: the dice, the expert's plan, the abilities.
+    ep.u_correct[:] = 0.999
+    ep.u_wrong[:] = 3
+    ep.recent_errors = [1, 1, 1]
+    ep.env.bot = None
+    ep.env._expert = 5
+    ep.route_rng = np.random.default_rng(123)
+    assert bar.render_prompt(ep, bar.Budget()) == before
+    assert "turn left" in before[1] and "LARGE" in before[1] and ep.env.mission in before[0]
+
+
+def test_same_task_same_dice_same_trajectory_common_random_numbers():
+    theta = {m: {f: 1.0 for f in bar.FAMILIES} for m in bar.MODEL_NAMES}
+    a = bar.rollout([("putnext", 4, 2)], bar.StaticPolicy("random", 0.5), EX, theta)[0]
+    b = bar.rollout([("putnext", 4, 2)], bar.StaticPolicy("random", 0.5), EX, theta)[0]
+    assert a == b
+    # Replaying the decisions reproduces the trajectory exactly (how SFT labels get their prompts).
+    c = bar.rollout([("putnext", 4, 2)], bar.StaticPolicy("replay", {("putnext", 4, 2): a["decisions"]}), EX, theta,
+                    record=True)[0]
+    assert c["decisions"] == a["decisions"] and c["cost"] == a["cost"] and len(c["prompts"]) == len(a["decisions"])
+
+
+def test_step_cost_grows_with_history_and_prices():
+    assert bar.prompt_tokens(0, EX) == EX["system_tokens"]
+    assert bar.prompt_tokens(100, EX) == EX["system_tokens"] + EX["history"] * EX["turn_tokens"]
+    c0 = bar.step_cost(0, bar.SMALL, EX)
+    assert c0 == pytest.approx((540 * 0.18 + 3 * 0.18) / 1e6)
+    assert bar.step_cost(0, bar.LARGE, EX) / c0 == pytest.approx(0.88 / 0.18)
+
+
+def test_router_truncates_left_keeps_header_and_roundtrips(tmp_path):
+    texts = ["task: go to the red ball . step 1 spent 0.0 large 0 left any . obs: a wall 1 step forward . route: SMALL LARGE"]
+    cfg = {**CFG, "router": {**CFG["router"], "context": 24}}
+    r = bar.Router.create(cfg, texts)
+    header = "task: go to the red ball . step 1 spent 0.0 large 0 left any .\n"
+    body = "obs: a wall 1 step forward . act SMALL: turn left .\n" * 20 + "obs: a wall 1 step forward . route:"
+    ids = r.encode([(header, body)])[0]
+    h = r.tok(header, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 24 and ids[: len(h)] == h
+    assert r.tok.decode(ids[-2:]).replace(" ", "") == "route:"
+    p = r.p_large([(header, body), (header, "obs: a wall 1 step forward . route:")])
+    assert p.shape == (2,) and np.all((p > 0) & (p < 1))
+    r.save(tmp_path / "ck")
+    r2 = bar.Router.load(tmp_path / "ck")
+    assert np.allclose(r2.p_large([(header, body)]), p[:1], atol=1e-6)
+    with pytest.raises(bar.ConfigError, match="no router checkpoint"):
+        bar.Router.load(tmp_path / "missing")
