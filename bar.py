@@ -718,25 +718,43 @@ def calibrate(cfg: dict, log=print) -> dict:
         t = targets_of(cfg, m)
         for g in (["all"] if "all" in t else fams):
             groups[(m, g)] = (fams if g == "all" else [g], t[g])
-    lo = {k: c["lo"] for k in groups}
-    hi = {k: c["hi"] for k in groups}
+    lo, hi = {k: c["lo"] for k in groups}, {k: c["hi"] for k in groups}
+    sr_lo, sr_hi = {}, {}  # success measured at the current bracket ends
     for it in range(c["iters"]):
         mid = {k: (lo[k] + hi[k]) / 2 for k in groups}
-        theta = {m: {f: mid[(m, g)] for (mm, g), (fs, _) in groups.items() if mm == m for f in fs}
-                 for m in MODEL_NAMES}
-        succ = {}
-        for m in MODEL_NAMES:
-            jobs = [j for (mm, g), (fs, _) in groups.items() if mm == m for f in fs for j in jobs_of[f]]
-            res = run(jobs, (f"always_{m}",), cfg, theta)
-            for (mm, g), (fs, target) in groups.items():
-                if mm == m:
-                    succ[(m, g)] = np.mean([r["success"] for r in res if r["family"] in fs])
+        succ = _calibration_round(cfg, groups, mid, jobs_of)
         for k, (_, target) in groups.items():
-            (lo if succ[k] < target else hi)[k] = mid[k]
+            if succ[k] < target:
+                lo[k], sr_lo[k] = mid[k], succ[k]
+            else:
+                hi[k], sr_hi[k] = mid[k], succ[k]
         log(f"calibration iter {it + 1}/{c['iters']}: " + " ".join(
             f"{m[0]}.{g}={succ[(m, g)]:.2f}" for m, g in groups))
-    return {m: {f: (lo[(m, g)] + hi[(m, g)]) / 2 for (mm, g), (fs, _) in groups.items() if mm == m
-                for f in fs} for m in MODEL_NAMES}
+    # Final theta: interpolate linearly between the bracket ends where both were measured.
+    fit = {}
+    for k, (_, target) in groups.items():
+        if k in sr_lo and k in sr_hi and sr_hi[k] > sr_lo[k]:
+            fit[k] = lo[k] + (target - sr_lo[k]) / (sr_hi[k] - sr_lo[k]) * (hi[k] - lo[k])
+        else:
+            fit[k] = (lo[k] + hi[k]) / 2
+    return _theta_table(groups, fit)
+
+
+def _theta_table(groups: dict, value: dict) -> dict:
+    return {m: {f: value[(mm, g)] for (mm, g), (fs, _) in groups.items() if mm == m for f in fs}
+            for m in MODEL_NAMES}
+
+
+def _calibration_round(cfg, groups, mid, jobs_of) -> dict:
+    """Success of always-m for every (model, group) at abilities `mid` (both models in one pass each)."""
+    theta, succ = _theta_table(groups, mid), {}
+    for m in MODEL_NAMES:
+        jobs = [j for (mm, g), (fs, _) in groups.items() if mm == m for f in fs for j in jobs_of[f]]
+        res = run(jobs, (f"always_{m}",), cfg, theta)
+        for (mm, g), (fs, _) in groups.items():
+            if mm == m:
+                succ[(m, g)] = float(np.mean([r["success"] for r in res if r["family"] in fs]))
+    return succ
 
 
 def boundary_stats(results_small: list[dict], results_large: list[dict]) -> dict:

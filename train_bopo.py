@@ -100,11 +100,16 @@ def train_variant(cfg: dict, variant: str, stats: dict, theta: dict) -> None:
             A, r = group_advantages(grp, t, bc)
             rs.extend(r)
             for a, x in zip(A, grp):
-                ids += policy.encode(x["prompts"])
-                acts += x["decisions"]
-                p = np.clip(np.array(x["p_large"]), 1e-6, 1 - 1e-6)
-                logp_old += list(np.where(np.array(x["decisions"]) == 1, np.log(p), np.log1p(-p)))
-                adv += [a] * len(x["decisions"])
+                # A random subset of each trajectory's decisions: an unbiased estimate of the loss
+                # over all of them, at a fraction of the cost on long (failed) episodes.
+                n = len(x["decisions"])
+                keep = np.sort(rng.choice(n, min(n, bc["decisions_per_traj"]), replace=False))
+                ids += policy.encode([x["prompts"][i] for i in keep])
+                dec = np.array(x["decisions"])[keep]
+                acts += dec.tolist()
+                p = np.clip(np.array(x["p_large"])[keep], 1e-6, 1 - 1e-6)
+                logp_old += list(np.where(dec == 1, np.log(p), np.log1p(-p)))
+                adv += [a] * len(keep)
         acts_t, old_t, adv_t = torch.tensor(acts), torch.tensor(logp_old, dtype=torch.float32), torch.tensor(adv, dtype=torch.float32)
         mb = bc["minibatch"]
         with torch.no_grad():
@@ -124,7 +129,7 @@ def train_variant(cfg: dict, variant: str, stats: dict, theta: dict) -> None:
                 stats_acc.append(st)
         row = {"iter": it + 1, "success_rate": float(np.mean([x["success"] for x in res])),
                "mean_cost_norm": float(np.mean([x["cost"] / t["C_L"] for k, t in enumerate(batch) for x in res[k * bc["G"]:(k + 1) * bc["G"]]])),
-               "large_call_rate": float(np.mean(acts)), "reward": float(np.mean(rs)), "decisions": len(acts),
+               "large_call_rate": float(np.mean([np.mean(x["decisions"]) for x in res])), "reward": float(np.mean(rs)), "decisions": len(acts),
                **{k: float(np.mean([s[k] for s in stats_acc])) for k in stats_acc[0]}, "seconds": time.time() - t0}
         bar.append_jsonl(log, row)
         bar_.set_postfix(sr=f"{row['success_rate']:.2f}", large=f"{row['large_call_rate']:.2f}")
