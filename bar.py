@@ -512,14 +512,17 @@ class Budget:
         return f"step {ep.t} spent {ep.cost * 1e4:.1f} large {ep.n_large} left {left}"
 
 
-def render_prompt(ep: Episode, budget: Budget) -> tuple[str, str]:
+def render_prompt(ep: Episode, budget: Budget, history: int | None = None) -> tuple[str, str]:
     """The router's state, from the public transcript only: (header, body).
 
-    Header: the task and the budget state. Body: past turns (observation, action, which model acted)
-    and the current observation. The router reads nothing else: not the expert, not the dice.
+    Header: the task and the budget state. Body: the last `history` past turns (observation, action,
+    which model acted; None = all) and the current observation. The router reads nothing else: not
+    the expert, not the dice. The router then truncates the body from the left to its context, so
+    `history` only needs to cover the context (rendering all 128 turns at every step is quadratic).
     """
     header = f"task: {ep.env.mission} . {budget.text(ep)} .\n"
-    lines = [f"obs: {o.replace(chr(10), ' , ')} . act {MODEL_NAMES[m].upper()}: {a} .\n" for o, a, m in ep.turns]
+    turns = ep.turns[-history:] if history else ep.turns
+    lines = [f"obs: {o.replace(chr(10), ' , ')} . act {MODEL_NAMES[m].upper()}: {a} .\n" for o, a, m in turns]
     lines.append(f"obs: {ep.obs.replace(chr(10), ' , ')} . route:")
     return header, "".join(lines)
 
@@ -532,7 +535,7 @@ def decide(p: float, ep: Episode, policy) -> int:
 
 
 def rollout(jobs, policy, ex: dict, theta: dict, budget: Budget | None = None, record: bool = False,
-            progress: bool = False) -> list[dict]:
+            progress: bool = False, history: int | None = None) -> list[dict]:
     """Play every job (family, task_seed, rollout_seed[, stream]) to the end, all in lockstep.
 
     Before each step the policy scores every live episode at once (one batched router forward);
@@ -555,7 +558,7 @@ def rollout(jobs, policy, ex: dict, theta: dict, budget: Budget | None = None, r
     while live:
         if record or getattr(policy, "needs_prompts", False):
             for ep in live:
-                ep.cur_prompt = render_prompt(ep, budget)
+                ep.cur_prompt = render_prompt(ep, budget, history)
         ps = policy.p_large(live, execs)
         for ep, p in zip(live, ps):
             d = decide(float(p), ep, policy)
@@ -639,10 +642,10 @@ def make_policy(spec):
 
 
 def _worker(args):
-    jobs, spec, ex, theta, budget, record = args
+    jobs, spec, ex, theta, budget, record, history = args
     import torch
     torch.set_num_threads(1)
-    return rollout(jobs, make_policy(spec), ex, theta, budget, record)
+    return rollout(jobs, make_policy(spec), ex, theta, budget, record, history=history)
 
 
 _POOL = None
@@ -671,14 +674,14 @@ def run(jobs, spec, cfg: dict, theta: dict, budget: Budget | None = None, record
     """Rollouts of `jobs` under the policy `spec`, split over `cfg.workers` processes (results in
     job order). Chunks interleave families so that the workers finish together."""
     n = max(1, min(cfg["workers"], len(jobs)))
-    ex = cfg["executors"]
+    ex, hist = cfg["executors"], cfg["router"]["history_turns"]
     if n == 1:
-        return rollout(jobs, make_policy(spec), ex, theta, budget, record, progress=desc is not None)
+        return rollout(jobs, make_policy(spec), ex, theta, budget, record, desc is not None, hist)
     chunks = max(n, min(len(jobs) // 8, 4 * n))
     parts = [jobs[i::chunks] for i in range(chunks)]
     from tqdm import tqdm
     res = [None] * chunks
-    it = pool(n).imap(_worker, [(p, spec, ex, theta, budget, record) for p in parts])
+    it = pool(n).imap(_worker, [(p, spec, ex, theta, budget, record, hist) for p in parts])
     for i, r in enumerate(tqdm(it, total=chunks, desc=desc, leave=False, disable=desc is None)):
         res[i] = r
     out = [None] * len(jobs)
@@ -860,18 +863,24 @@ class Router:
         return cls(model.to(r["device"]), tok, r["context"])
 
     @classmethod
-    def load(cls, path, device: str = "cpu"):
+    def load(cls, path, device: str | None = None):
+        """A saved router, on the device it was trained on (router.device) unless `device` is given."""
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         path = Path(path)
         if not (path / "config.json").is_file():
             raise ConfigError(f"no router checkpoint at '{path}': run the training stage first")
         meta = json.loads((path / "router.json").read_text())
+        device = device or meta.get("device", "cpu")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"router '{path}' was trained on {device} but no GPU is visible; "
+                              "use a GPU machine or a CPU config (router.device: cpu)")
         if meta.get("scratch_tokenizer"):  # our word-level tokenizer: load the exact tokenizer.json
             from transformers import PreTrainedTokenizerFast
             tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), pad_token="[PAD]", unk_token="[UNK]")
         else:
             tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path).to(device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device)
         return cls(model, tok, meta["context"])
 
     def save(self, path) -> None:
@@ -884,7 +893,7 @@ class Router:
         self.tok.save_pretrained(tmp)
         scratch = "[PAD]" in self.tok.get_vocab() and self.tok.pad_token == "[PAD]"
         (tmp / "router.json").write_text(json.dumps({"context": self.context, "labels": LABELS,
-                                                     "scratch_tokenizer": scratch}))
+                                                     "scratch_tokenizer": scratch, "device": str(self.device)}))
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
 

@@ -45,7 +45,7 @@ def group_advantages(results, st: dict, bc: dict) -> np.ndarray:
 
 
 def label_logp(router, ids, actions):
-    return torch.log_softmax(router.label_logits(ids), -1).gather(1, actions[:, None])[:, 0]
+    return torch.log_softmax(router.label_logits(ids), -1).gather(1, actions[:, None].to(router.device))[:, 0]
 
 
 def train_variant(cfg: dict, variant: str, stats: dict, theta: dict) -> None:
@@ -61,7 +61,7 @@ def train_variant(cfg: dict, variant: str, stats: dict, theta: dict) -> None:
     if bc["init"] == "scratch":
         from transformers import AutoModelForCausalLM
         torch.manual_seed(cfg["seed"])
-        policy.model = AutoModelForCausalLM.from_config(policy.model.config)
+        policy.model = AutoModelForCausalLM.from_config(policy.model.config).to(policy.device, policy.model.dtype)
         ref.model.load_state_dict(policy.model.state_dict())  # KL anchors to the initial policy
     opt = torch.optim.AdamW(policy.model.parameters(), lr=bc["lr"], weight_decay=0.0)
     start, log = 0, d / f"{variant}_log.jsonl"
@@ -93,6 +93,7 @@ def train_variant(cfg: dict, variant: str, stats: dict, theta: dict) -> None:
         policy.model.eval()
         state = {k: v.detach().cpu() for k, v in policy.model.state_dict().items()}
         res = bar.run(jobs, ("router", str(d / "sft"), state, None), cfg, theta, record=True)
+        t_roll = time.time() - t0
 
         ids, acts, logp_old, adv, rs = [], [], [], [], []
         for k, t in enumerate(batch):
@@ -110,7 +111,9 @@ def train_variant(cfg: dict, variant: str, stats: dict, theta: dict) -> None:
                 p = np.clip(np.array(x["p_large"])[keep], 1e-6, 1 - 1e-6)
                 logp_old += list(np.where(dec == 1, np.log(p), np.log1p(-p)))
                 adv += [a] * len(keep)
-        acts_t, old_t, adv_t = torch.tensor(acts), torch.tensor(logp_old, dtype=torch.float32), torch.tensor(adv, dtype=torch.float32)
+        dev = policy.device
+        acts_t = torch.tensor(acts, device=dev)
+        old_t, adv_t = (torch.tensor(x, dtype=torch.float32, device=dev) for x in (logp_old, adv))
         mb = bc["minibatch"]
         with torch.no_grad():
             ref_t = torch.cat([label_logp(ref, ids[i:i + mb], acts_t[i:i + mb]) for i in range(0, len(ids), mb)])
@@ -119,9 +122,10 @@ def train_variant(cfg: dict, variant: str, stats: dict, theta: dict) -> None:
         for _ in range(bc["epochs"]):
             perm = rng.permutation(len(ids))
             for i in range(0, len(perm), mb):
-                b = perm[i:i + mb]
-                logp = label_logp(policy, [ids[j] for j in b], acts_t[b])
-                loss, st = bar.bopo_loss(logp, old_t[b], ref_t[b], adv_t[b], torch.ones(len(b)), bc["clip_eps"], bc["kl_beta"])
+                b = torch.as_tensor(perm[i:i + mb], device=dev)
+                logp = label_logp(policy, [ids[j] for j in b.tolist()], acts_t[b])
+                loss, st = bar.bopo_loss(logp, old_t[b], ref_t[b], adv_t[b], torch.ones(len(b), device=dev),
+                                         bc["clip_eps"], bc["kl_beta"])
                 opt.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(policy.model.parameters(), 1.0)
@@ -130,7 +134,7 @@ def train_variant(cfg: dict, variant: str, stats: dict, theta: dict) -> None:
         row = {"iter": it + 1, "success_rate": float(np.mean([x["success"] for x in res])),
                "mean_cost_norm": float(np.mean([x["cost"] / t["C_L"] for k, t in enumerate(batch) for x in res[k * bc["G"]:(k + 1) * bc["G"]]])),
                "large_call_rate": float(np.mean([np.mean(x["decisions"]) for x in res])), "reward": float(np.mean(rs)), "decisions": len(acts),
-               **{k: float(np.mean([s[k] for s in stats_acc])) for k in stats_acc[0]}, "seconds": time.time() - t0}
+               **{k: float(np.mean([s[k] for s in stats_acc])) for k in stats_acc[0]}, "rollout_s": t_roll, "seconds": time.time() - t0}
         bar.append_jsonl(log, row)
         bar_.set_postfix(sr=f"{row['success_rate']:.2f}", large=f"{row['large_call_rate']:.2f}")
         if (it + 1) % bc["save_every"] == 0 and it + 1 < bc["iters"]:

@@ -29,7 +29,7 @@ def main(argv=None):
 
     router = bar.Router.create(cfg, texts=[r["header"] + r["body"] + " SMALL LARGE" for r in rows])
     ids = router.encode([(r["header"], r["body"]) for r in rows])
-    labels = torch.tensor([r["label"] for r in rows])
+    labels = torch.tensor([r["label"] for r in rows], device=router.device)
     # Validation split by task, so the score says something about unseen tasks.
     tasks = sorted({(r["family"], r["task"]) for r in rows})
     val_tasks = set(map(tuple, rng.permutation(np.array(tasks, dtype=object))[: max(1, int(len(tasks) * sc["val_frac"]))]))

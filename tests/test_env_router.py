@@ -84,3 +84,18 @@ def test_router_truncates_left_keeps_header_and_roundtrips(tmp_path):
     assert np.allclose(r2.p_large([(header, body)]), p[:1], atol=1e-6)
     with pytest.raises(bar.ConfigError, match="no router checkpoint"):
         bar.Router.load(tmp_path / "missing")
+
+
+def test_rendering_only_the_recent_turns_changes_nothing_the_router_sees():
+    """render_prompt(history=h) is a speed-up, not a different state: after the router's left
+    truncation to its context the token ids are identical to those of the full transcript."""
+    cfg = bar.load_config(bar.Path(bar.__file__).with_name("configs") / "default.yaml")
+    theta = {m: {f: 0.5 for f in bar.FAMILIES} for m in bar.MODEL_NAMES}
+    runs = bar.rollout([(f, s, 3) for f in bar.FAMILIES for s in range(2)], bar.StaticPolicy("random", 0.3),
+                       EX, theta, record=True)
+    full = [p for r in runs for p in r["prompts"]]
+    short = [p for r in bar.rollout([(f, s, 3) for f in bar.FAMILIES for s in range(2)], bar.StaticPolicy("random", 0.3),
+                                    EX, theta, record=True, history=cfg["router"]["history_turns"]) for p in r["prompts"]]
+    assert len(full) == len(short) > 500 and sum(a != b for a, b in zip(full, short)) > 100  # long transcripts occur
+    r = bar.Router.create(cfg, [h + b + " SMALL LARGE" for h, b in full])
+    assert r.encode(full) == r.encode(short)
