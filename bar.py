@@ -612,8 +612,8 @@ class StaticPolicy:
             return np.full(len(eps), float(self.knob))
         if self.kind == "first_large":
             return np.array([float(ep.t < self.knob) for ep in eps])
-        if self.kind == "replay":  # knob: {job tuple: decision list}
-            return np.array([float(self.knob[ep.job][ep.t]) for ep in eps])
+        if self.kind == "replay":  # knob: {job tuple: decision list}; SMALL past the list's end
+            return np.array([float(ep.t < len(d) and d[ep.t]) for ep in eps for d in (self.knob[ep.job],)])
         raise ValueError(self.kind)
 
 
@@ -797,6 +797,35 @@ def cheapest_success(results: list[dict]) -> dict | None:
     return min(wins, key=lambda r: r["cost"]) if wins else None
 
 
+def prune_large(best: dict, cfg: dict, theta: dict) -> dict:
+    """Local search that makes each tau* cheaper: try its LARGE decisions as SMALL, one at a time, in
+    order, on the same dice; keep a flip whenever the trajectory still succeeds at a lower cost.
+
+    `best` maps a job (family, task, seed, stream) to its successful trajectory (summary dict). The
+    objective is the sampler's own, argmin_{S(tau)=1} C(tau); stratified sampling alone leaves most of
+    a trajectory's LARGE calls where its coin fell, not where they were needed. After pruning, a LARGE
+    label marks a step where (with these dice) the cheap model would have erred and the large one did
+    not. All tasks advance in lockstep, one candidate flip each per round.
+    """
+    cur = {job: dict(r) for job, r in best.items()}
+    nxt = {job: 0 for job in cur}  # next decision index to try
+    while True:
+        trial = {}
+        for job, r in cur.items():
+            i = next((k for k in range(nxt[job], len(r["decisions"])) if r["decisions"][k] == LARGE), None)
+            if i is not None:
+                trial[job] = (i, r["decisions"][:i] + [SMALL] + r["decisions"][i + 1:])
+        if not trial:
+            return cur
+        jobs = list(trial)
+        res = run(jobs, ("replay", {j: d for j, (_, d) in trial.items()}), cfg, theta)
+        for job, r in zip(jobs, res):
+            i = trial[job][0]
+            if r["success"] and r["cost"] < cur[job]["cost"]:
+                cur[job] = {**cur[job], **r}
+            nxt[job] = i + 1
+
+
 class StratifiedPolicy(StaticPolicy):
     """Each episode routes LARGE with probability p = k/N, k from its job's stream index."""
 
@@ -829,6 +858,12 @@ def train_tokenizer(texts, vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
 
 
+def _quiet_transformers() -> None:
+    """transformers draws a progress bar per checkpoint load/save: dozens per run, drowning ours."""
+    from transformers.utils import logging
+    logging.disable_progress_bar()
+
+
 class Router:
     """Wraps (model, tokenizer): prompt encoding with left truncation, batched pi(LARGE|s)."""
 
@@ -845,6 +880,7 @@ class Router:
     def create(cls, cfg: dict, texts=None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+        _quiet_transformers()
         r = cfg["router"]
         torch.manual_seed(cfg["seed"])
         dtype = getattr(torch, r["dtype"])
@@ -867,6 +903,7 @@ class Router:
         """A saved router, on the device it was trained on (router.device) unless `device` is given."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        _quiet_transformers()
         path = Path(path)
         if not (path / "config.json").is_file():
             raise ConfigError(f"no router checkpoint at '{path}': run the training stage first")

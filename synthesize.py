@@ -60,7 +60,7 @@ def main(argv=None):
         large_by_task.setdefault((r["family"], r["task"]), []).append(r)
 
     # 4. The label trajectory of every task, replayed with prompts recorded.
-    chosen, source = [], Counter()
+    chosen, source, hard_best = [], Counter(), {}
     for st in stats.values():
         key = (st["family"], st["task"])
         if st["class"] == "hard":
@@ -72,10 +72,19 @@ def main(argv=None):
                 source["hard_unsolved"] += 1
                 continue
             source[src] += 1
-            chosen.append(((key[0], key[1], best["seed"], best.get("stream", 0)), best["decisions"], st["class"]))
+            job = (key[0], key[1], best["seed"], best.get("stream", 0))
+            hard_best[job] = best
+            chosen.append((job, best["decisions"], st["class"]))
         else:  # Easy and Intractable: all-SMALL labels (Intractable: fail cheaply)
             r0 = next(r for r in res["small"] if (r["family"], r["task"]) == key)
             chosen.append(((key[0], key[1], r0["seed"]), r0["decisions"], st["class"]))
+    n_large = sum(sum(r["decisions"]) for r in hard_best.values())
+    if sp["prune"] and hard_best:  # local search: drop the LARGE calls tau* did not need
+        pruned = bar.prune_large(hard_best, cfg, theta)
+        chosen = [(job, pruned[job]["decisions"] if job in pruned else dec, cls) for job, dec, cls in chosen]
+        print(f"pruning tau*: LARGE calls on Hard tasks {n_large} -> {sum(sum(r['decisions']) for r in pruned.values())}, "
+              f"mean cost {np.mean([r['cost'] for r in hard_best.values()]):.5f} -> "
+              f"{np.mean([r['cost'] for r in pruned.values()]):.5f}")
     replay = {job: dec for job, dec, _ in chosen}
     rep = bar.run([job for job, _, _ in chosen], ("replay", replay), cfg, theta, record=True, desc="replay labels")
     rows = []

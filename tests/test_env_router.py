@@ -99,3 +99,33 @@ def test_rendering_only_the_recent_turns_changes_nothing_the_router_sees():
     assert len(full) == len(short) > 500 and sum(a != b for a, b in zip(full, short)) > 100  # long transcripts occur
     r = bar.Router.create(cfg, [h + b + " SMALL LARGE" for h, b in full])
     assert r.encode(full) == r.encode(short)
+
+
+def test_pretrained_router_loads_by_name_and_trains_through_the_same_path(tmp_path):
+    """router.pretrained names any AutoModelForCausalLM (a hub id on a GPU machine; here a tiny model
+    saved to disk, since nothing can be downloaded): one code path for scratch and pretrained routers."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    texts = ["task: go to the red ball . obs: a wall 1 step forward . route: SMALL LARGE"]
+    tok = bar.train_tokenizer(texts, 64)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=1, intermediate_size=32, pad_token_id=tok.pad_token_id)
+                     ).save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    cfg = {**CFG, "router": {**CFG["router"], "pretrained": str(tmp_path / "tiny"), "dtype": "bfloat16"}}
+    r = bar.Router.create(cfg)
+    assert r.model.dtype == torch.bfloat16
+    prompt = [("task: go to the red ball .\n", "obs: a wall 1 step forward . route:")]
+    lg = r.label_logits(r.encode(prompt))
+    assert lg.dtype == torch.float32 and lg.shape == (1, 2)  # label logits in fp32 whatever the weights
+    bar.sft_loss(lg, torch.tensor([1])).backward()
+    assert any(p.grad is not None for p in r.model.parameters())
+    r.save(tmp_path / "ck")
+    r2 = bar.Router.load(tmp_path / "ck")
+    assert r2.model.dtype == torch.bfloat16
+    assert np.allclose(r2.p_large(prompt), r.p_large(prompt), atol=1e-3)
+    # A router trained on a GPU, reloaded where none is visible: one clear error, not a CUDA trace.
+    meta = bar.json.loads((tmp_path / "ck" / "router.json").read_text())
+    (tmp_path / "ck" / "router.json").write_text(bar.json.dumps({**meta, "device": "cuda"}))
+    if not torch.cuda.is_available():
+        with pytest.raises(bar.ConfigError, match="no GPU is visible"):
+            bar.Router.load(tmp_path / "ck")

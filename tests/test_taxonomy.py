@@ -58,3 +58,23 @@ def test_calibration_lands_within_5_points_per_family_and_for_an_aggregate_only_
     for m, target in (("small", 0.504), ("large", 0.776)):
         res = bar.run(jobs, (f"always_{m}",), cfg2, theta2)
         assert abs(np.mean([r["success"] for r in res]) - target) <= 0.05
+
+
+def test_prune_large_keeps_success_lowers_cost_and_drops_unneeded_large_calls():
+    cfg = bar.load_config(bar.Path(bar.__file__).with_name("configs") / "smoke.yaml", ["workers=1"])
+    theta = {"small": {f: 1.0 for f in bar.FAMILIES}, "large": {f: 4.0 for f in bar.FAMILIES}}
+    jobs = [("goto", s, 0, 0) for s in range(8)]
+    res = bar.run(jobs, ("always_large",), cfg, theta)
+    best = {j: r for j, r in zip(jobs, res) if r["success"]}
+    assert len(best) >= 4
+    pruned = bar.prune_large(best, cfg, theta)
+    assert sum(sum(r["decisions"]) for r in pruned.values()) < sum(sum(r["decisions"]) for r in best.values())
+    for j, r in pruned.items():
+        assert r["success"] and r["cost"] <= best[j]["cost"]
+        again = bar.run([j], ("replay", {j: r["decisions"]}), cfg, theta)[0]  # the labels replay exactly
+        assert again["success"] and again["cost"] == r["cost"] and again["decisions"] == r["decisions"]
+    # A cheap model that never errs needs no LARGE call at all.
+    perfect = {m: {f: 50.0 for f in bar.FAMILIES} for m in bar.MODEL_NAMES}
+    cfg0 = {**cfg, "executors": {**cfg["executors"], "gamma": 0.0}}
+    res = bar.run(jobs, ("always_large",), cfg0, perfect)
+    assert all(sum(r["decisions"]) == 0 for r in bar.prune_large(dict(zip(jobs, res)), cfg0, perfect).values())
