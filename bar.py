@@ -54,14 +54,15 @@ def _merge(base: dict, over: dict, where: str = "") -> dict:
         if isinstance(base[k], dict):
             if not isinstance(v, dict):
                 raise ConfigError(f"config key '{key}' must be a mapping, got {v!r}")
-            # Free-form mappings (per-family numbers) accept any key.
-            out[k] = {**base[k], **v} if k in FREE_FORM else _merge(base[k], v, key + ".")
+            # Free-form mappings (a pair's published success figures) accept any key and replace the
+            # default whole: a pair with only an aggregate gives {all: x} and inherits no family.
+            out[k] = dict(v) if k in FREE_FORM else _merge(base[k], v, key + ".")
         else:
             out[k] = _check_type(key, base[k], v)
     return out
 
 
-FREE_FORM = {"targets", "families"}
+FREE_FORM = {"targets"}
 
 
 def _check_type(key: str, default, value):
@@ -136,6 +137,9 @@ def validate_config(cfg: dict) -> None:
     for cap in cfg["eval"]["dollar_caps"]:
         if cap < 0:
             raise ConfigError(f"eval.dollar_caps: {cap} is below zero; a budget must be >= 0")
+    w = cfg["sft"]["large_weight"]
+    if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0):
+        raise ConfigError(f"sft.large_weight = {w!r} must be a positive number, or null for balanced weighting")
     if not 0 <= cfg["bopo"]["eta"] <= 1:
         raise ConfigError(f"bopo.eta = {cfg['bopo']['eta']} must lie in [0, 1]")
     if cfg["bopo"]["reward"] not in ("raw", "class"):
@@ -155,6 +159,7 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
+    os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are for everyone to read
     os.replace(tmp, path)
 
 
@@ -1128,6 +1133,18 @@ def frontier_metrics(points: list[dict], bounds: dict) -> dict:
     return {"auc": frontier_area(xs, sr, (0.0, bounds["SR_S"])), "apgr": frontier_area(xs, pgr, (0.0, 0.0)),
             "cpt50": cpt(xs, pgr, 0.5), "cpt80": cpt(xs, pgr, 0.8),
             "cost_to_match_large": min(match) if match else None}
+
+
+def auroc(score, positive) -> float:
+    """Area under the ROC curve = P(score of a random positive > that of a random negative), ties
+    counting half: the Mann-Whitney statistic from average ranks. NaN unless both classes occur."""
+    score, positive = np.asarray(score, dtype=float), np.asarray(positive, dtype=bool)
+    n1, n0 = positive.sum(), (~positive).sum()
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    srt = np.sort(score)
+    ranks = (np.searchsorted(srt, score, "left") + 1 + np.searchsorted(srt, score, "right")) / 2
+    return float((ranks[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def bootstrap_ci(per_task: np.ndarray, n: int = 1000, seed: int = 0) -> list[float]:

@@ -201,7 +201,10 @@ def plots(d, m: dict, routers) -> None:
         else:
             c, ls = style.get(name, ("k", "-"))
             ax.plot(x, y, ls, marker="o", ms=3, color=c, label=name, lw=2.2 if name == "bopo" else 1.3)
-    ax.set_xlabel("mean cost per task, % of always-large")
+            # The headline point (a router at theta = 0.5): a ringed dot on its sweep.
+            ax.scatter([100 * r["mean_cost"] / b["C_L"]], [100 * r["success_rate"]], s=50, color=c,
+                       edgecolor="k", zorder=6)
+    ax.set_xlabel("mean cost per task, % of always-large (ringed: each method's headline point)")
     ax.set_ylabel("success rate, %")
     ax.set_title(f"Cost-success frontier ({m['config']}, {'simulated executors' if m['simulated_executors'] else 'real'})")
     ax.grid(alpha=0.3)

@@ -46,38 +46,35 @@ def main(argv=None):
         print(f"boundary {m:5s}: success {meas['all']:.3f} (target {target_all:.3f}); " +
               " ".join(f"{f}={meas[f]:.2f}/{tg.get(f, tg.get('all')):.2f}" for f in cfg["env"]["families"]))
 
-    # 3. Stratified sampling on Hard tasks: p = k/N, keep the cheapest success.
+    # 3. Stratified sampling on Hard tasks: p = k/N on `per_stratum` dice seeds; per (task, seed)
+    #    keep the cheapest success, so each Hard task gives up to `per_stratum` label trajectories.
     hard = [(st["family"], st["task"]) for st in stats.values() if st["class"] == "hard"]
     sp = cfg["sampler"]
     sjobs = [j for t in hard for j in bar.strata_jobs(t, sp["N"], sp["per_stratum"])]
     sres = bar.run(sjobs, ("stratified", sp["N"]), cfg, theta, desc="stratified sampling") if sjobs else []
-    by_task = {}
+    by_draw = {}
     for j, r in zip(sjobs, sres):
         r["stream"] = j[3]
-        by_task.setdefault((r["family"], r["task"]), []).append(r)
-    large_by_task = {}
-    for r in res["large"]:
-        large_by_task.setdefault((r["family"], r["task"]), []).append(r)
+        by_draw.setdefault((r["family"], r["task"], r["seed"]), []).append(r)
 
-    # 4. The label trajectory of every task, replayed with prompts recorded.
+    # 4. The label trajectories of every task, replayed with prompts recorded.
     chosen, source, hard_best = [], Counter(), {}
     for st in stats.values():
         key = (st["family"], st["task"])
         if st["class"] == "hard":
-            best = bar.cheapest_success(by_task.get(key, []))
-            src = "stratified"
-            if best is None:  # no stratum succeeded: a successful always-large rollout
-                best, src = bar.cheapest_success(large_by_task[key]), "always_large"
-            if best is None:
-                source["hard_unsolved"] += 1
-                continue
-            source[src] += 1
-            job = (key[0], key[1], best["seed"], best.get("stream", 0))
-            hard_best[job] = best
-            chosen.append((job, best["decisions"], st["class"]))
-        else:  # Easy and Intractable: all-SMALL labels (Intractable: fail cheaply)
-            r0 = next(r for r in res["small"] if (r["family"], r["task"]) == key)
-            chosen.append(((key[0], key[1], r0["seed"]), r0["decisions"], st["class"]))
+            bests = [b for r in range(sp["per_stratum"]) if (b := bar.cheapest_success(by_draw.get(key + (r,), [])))]
+            source["stratified"] += len(bests)
+            if not bests:  # no stratum succeeded on any seed: a successful always-large rollout
+                b = bar.cheapest_success([r for r in res["large"] if (r["family"], r["task"]) == key])
+                source["always_large" if b else "hard_unsolved"] += 1
+                bests = [b] if b else []
+            for best in bests:
+                job = (key[0], key[1], best["seed"], best.get("stream", 0))
+                hard_best[job] = best
+                chosen.append((job, best["decisions"], st["class"]))
+        else:  # Easy and Intractable: all-SMALL labels (Intractable: fail cheaply), as many draws
+            for r0 in [r for r in res["small"] if (r["family"], r["task"]) == key][: sp["per_stratum"]]:
+                chosen.append(((key[0], key[1], r0["seed"]), r0["decisions"], st["class"]))
     n_large = sum(sum(r["decisions"]) for r in hard_best.values())
     if sp["prune"] and hard_best:  # local search: drop the LARGE calls tau* did not need
         pruned = bar.prune_large(hard_best, cfg, theta)

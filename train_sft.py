@@ -36,8 +36,13 @@ def main(argv=None):
     val = np.array([(r["family"], r["task"]) in val_tasks for r in rows])
     tr_idx, va_idx = np.flatnonzero(~val), np.flatnonzero(val)
     n_params = sum(p.numel() for p in router.model.parameters())
+    n_large = int(labels[tr_idx].sum())
+    # LARGE labels are rare (a tau* calls LARGE only where the cheap model's error would have cost the
+    # task). Balanced weighting puts the headline threshold pi >= 0.5 at the labels' base rate.
+    w = sc["large_weight"] if sc["large_weight"] is not None else (len(tr_idx) - n_large) / max(n_large, 1)
     print(f"router: {n_params / 1e6:.2f}M parameters, vocab {len(router.tok)}, context {router.context}; "
-          f"{len(tr_idx)} train / {len(va_idx)} val decisions, LARGE share {labels.float().mean():.3f}")
+          f"{len(tr_idx)} train / {len(va_idx)} val decisions, LARGE share {labels.float().mean():.3f}, "
+          f"LARGE weight {w:.1f}")
 
     opt = torch.optim.AdamW(router.model.parameters(), lr=sc["lr"], weight_decay=sc["weight_decay"])
     steps = sc["epochs"] * int(np.ceil(len(tr_idx) / sc["batch"]))
@@ -52,8 +57,12 @@ def main(argv=None):
         y = labels[va_idx]
         router.model.train()
         pred = lg.argmax(-1)
-        return {"val/loss": bar.sft_loss(lg, y).item(), "val/acc": (pred == y).float().mean().item(),
-                "val/large_recall": ((pred == 1) & (y == 1)).sum().item() / max((y == 1).sum().item(), 1)}
+        # Ranking quality, threshold-free: P(score of a LARGE label > score of a SMALL label).
+        score, pos = (lg[:, 1] - lg[:, 0]).cpu().numpy(), (y == 1).cpu().numpy()
+        auroc = bar.auroc(score, pos)
+        return {"val/loss": bar.sft_loss(lg, y, w).item(), "val/acc": (pred == y).float().mean().item(),
+                "val/large_recall": ((pred == 1) & (y == 1)).sum().item() / max((y == 1).sum().item(), 1),
+                "val/large_pred": (pred == 1).float().mean().item(), "val/auroc": auroc}
 
     step = 0
     router.model.train()
@@ -62,7 +71,7 @@ def main(argv=None):
         perm = rng.permutation(tr_idx)
         for j in range(0, len(perm), sc["batch"]):
             b = perm[j:j + sc["batch"]]
-            loss = bar.sft_loss(router.label_logits([ids[i] for i in b]), labels[b], sc["large_weight"])
+            loss = bar.sft_loss(router.label_logits([ids[i] for i in b]), labels[b], w)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(router.model.parameters(), 1.0)

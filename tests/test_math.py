@@ -137,3 +137,11 @@ def test_sft_loss_is_two_way_cross_entropy():
     y = torch.tensor([0, 1])
     exp = -(math.log(math.exp(2) / (math.exp(2) + 1)) + math.log(math.e / (1 + math.e))) / 2
     assert bar.sft_loss(lg, y).item() == pytest.approx(exp, abs=1e-6)
+
+
+def test_auroc_hand_computed_with_ties():
+    # Pairs (pos, neg): (.35,.1) (.35,.4) (.8,.1) (.8,.4) -> 3 of 4 ordered right.
+    assert bar.auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert bar.auroc([1.0, 1.0, 1.0], [0, 1, 1]) == pytest.approx(0.5)      # ties count half
+    assert bar.auroc([3.0, 2.0, 1.0], [1, 0, 0]) == 1.0 and bar.auroc([1.0, 2.0], [1, 0]) == 0.0
+    assert math.isnan(bar.auroc([1.0, 2.0], [0, 0]))

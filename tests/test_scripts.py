@@ -66,6 +66,7 @@ def test_bopo_resumes_after_a_kill(smoke_run, tmp_path):
     ("evaluate.py", ["--config", "configs/smoke.yaml", "--set", "eval.large_call_caps=[-1]"], "non-negative"),
     ("synthesize.py", ["--config", "configs/smoke.yaml", "--set", "env.families=[maze]"], "unknown family 'maze'"),
     ("train_bopo.py", ["--config", "configs/smoke.yaml", "--set", "bopo.eta=2"], "bopo.eta = 2.0 must lie in [0, 1]"),
+    ("train_sft.py", ["--config", "configs/smoke.yaml", "--set", "sft.large_weight=-1"], "sft.large_weight = -1"),
     ("train_bopo.py", ["--config", "configs/smoke.yaml", "--set", "bopo.variants=[ppo]"], "unknown variant 'ppo'"),
     ("synthesize.py", ["--config", "configs/smoke.yaml", "--set", "nonsense"], "must look like key.sub=value"),
 ])
