@@ -20,7 +20,6 @@ results file says so.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -66,8 +65,10 @@ FREE_FORM = {"targets"}
 
 
 def _check_type(key: str, default, value):
-    if default is None or value is None:
+    if default is None:  # keys whose default is null take any value (checked in validate_config)
         return value
+    if value is None:
+        raise ConfigError(f"config key '{key}' cannot be null (default: {default!r})")
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
@@ -75,7 +76,9 @@ def _check_type(key: str, default, value):
     if isinstance(default, (int, float)) and not isinstance(default, bool):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
-        return type(default)(value) if isinstance(default, float) or float(value).is_integer() else value
+        if isinstance(default, int) and not float(value).is_integer():
+            raise ConfigError(f"config key '{key}' must be a whole number, got {value!r}")
+        return type(default)(value)
     if isinstance(default, list):
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
@@ -94,7 +97,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
         user = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
-    user.pop("extends", None)
+    if not isinstance(user, dict):
+        raise ConfigError(f"config file '{path}' must be a YAML mapping of keys (see configs/defaults.yaml)")
     cfg = _merge(DEFAULTS, user)
     for item in overrides:
         if "=" not in item:
@@ -121,6 +125,8 @@ def validate_config(cfg: dict) -> None:
     ex = cfg["executors"]
     for m in MODEL_NAMES:
         t = ex[m]["targets"]
+        if not isinstance(t, dict) or not all(isinstance(v, (int, float)) for v in t.values()):
+            raise ConfigError(f"executors.{m}.targets must map families (or 'all') to success rates, got {t!r}")
         if not t:
             raise ConfigError(f"executors.{m}.targets is empty: give 'all' or per-family success targets")
         for k, v in t.items():
@@ -135,6 +141,8 @@ def validate_config(cfg: dict) -> None:
         if cap is not None and (not isinstance(cap, int) or cap < 0):
             raise ConfigError(f"eval.large_call_caps: {cap!r} must be a non-negative integer or null")
     for cap in cfg["eval"]["dollar_caps"]:
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)):
+            raise ConfigError(f"eval.dollar_caps: {cap!r} must be a number (a fraction of always-large's cost)")
         if cap < 0:
             raise ConfigError(f"eval.dollar_caps: {cap} is below zero; a budget must be >= 0")
     w = cfg["sft"]["large_weight"]
@@ -144,6 +152,20 @@ def validate_config(cfg: dict) -> None:
         raise ConfigError(f"bopo.eta = {cfg['bopo']['eta']} must lie in [0, 1]")
     if cfg["bopo"]["reward"] not in ("raw", "class"):
         raise ConfigError(f"bopo.reward = {cfg['bopo']['reward']!r} must be 'raw' or 'class'")
+    if cfg["bopo"]["init"] not in ("sft", "scratch"):
+        raise ConfigError(f"bopo.init = {cfg['bopo']['init']!r} must be 'sft' or 'scratch'")
+    if not 0 <= cfg["bopo"]["hard_frac"] <= 1:
+        raise ConfigError(f"bopo.hard_frac = {cfg['bopo']['hard_frac']} must lie in [0, 1]")
+    for key in ("sampler.N", "sampler.per_stratum", "taxonomy.K", "bopo.G", "bopo.iters", "bopo.save_every",
+                "bopo.tasks_per_iter", "bopo.epochs", "bopo.minibatch", "sft.epochs", "sft.batch", "eval.seeds",
+                "router.context", "router.history_turns", "workers"):
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        if node < 1:
+            raise ConfigError(f"{key} = {node} must be at least 1")
+    if not hasattr(__import__("torch"), cfg["router"]["dtype"]):
+        raise ConfigError(f"router.dtype = {cfg['router']['dtype']!r} is not a torch dtype (float32, bfloat16, ...)")
 
 
 def run_dir(cfg: dict) -> Path:
@@ -422,10 +444,16 @@ def prompt_tokens(step: int, ex: dict) -> int:
     return ex["system_tokens"] + ex["turn_tokens"] * min(step, ex["history"])
 
 
-def step_cost(step: int, model: int, ex: dict) -> float:
-    """Dollar cost of one agent step by `model`, from token counts and per-1M list prices."""
+def usage_cost(model: int, prompt: int, completion: int, ex: dict) -> float:
+    """Dollar cost of token usage by `model` at its per-1M list prices."""
     m = ex[MODEL_NAMES[model]]
-    return (prompt_tokens(step, ex) * m["price_in"] + ex["completion_tokens"] * m["price_out"]) / 1e6
+    return (prompt * m["price_in"] + completion * m["price_out"]) / 1e6
+
+
+def step_cost(step: int, model: int, ex: dict) -> float:
+    """Expected dollar cost of agent step `step` by `model` (what budget-constrained decoding checks
+    before the call): the agent's prompt at that step and the fixed completion length."""
+    return usage_cost(model, prompt_tokens(step, ex), ex["completion_tokens"], ex)
 
 
 class SimulatedExecutors:
@@ -465,9 +493,9 @@ class Episode:
     """One (task, rollout seed) played by one routing policy. Holds the public transcript the router
     reads, the hidden simulator state it must not read, and the budget state."""
 
-    def __init__(self, family: str, task_seed: int, rollout_seed: int, idx: int = 0, stream: int = 0,
+    def __init__(self, family: str, task_seed: int, rollout_seed: int, stream: int = 0,
                  env: BabyAITextEnv | None = None):
-        self.family, self.task_seed, self.rollout_seed, self.idx = family, task_seed, rollout_seed, idx
+        self.family, self.task_seed, self.rollout_seed = family, task_seed, rollout_seed
         self.env = env or BabyAITextEnv(family)
         self.obs = self.env.reset(task_seed)
         fam = FAMILIES.index(family)
@@ -513,8 +541,10 @@ class Budget:
         return self.dollars is None or ep.cost + step_cost(ep.t, model, ex) <= self.dollars * (1 + 1e-12)
 
     def text(self, ep: Episode) -> str:
+        """The budget state in the router's prompt (dollars in units of 1e-4)."""
         left = "any" if self.large_calls is None else str(self.large_calls - ep.n_large)
-        return f"step {ep.t} spent {ep.cost * 1e4:.1f} large {ep.n_large} left {left}"
+        cap = "" if self.dollars is None else f" budget left {(self.dollars - ep.cost) * 1e4:.1f}"
+        return f"step {ep.t} spent {ep.cost * 1e4:.1f} large {ep.n_large} left {left}{cap}"
 
 
 def render_prompt(ep: Episode, budget: Budget, history: int | None = None) -> tuple[str, str]:
@@ -551,9 +581,9 @@ def rollout(jobs, policy, ex: dict, theta: dict, budget: Budget | None = None, r
     execs = SimulatedExecutors(ex, theta)
     envs: dict[str, BabyAITextEnv] = {}
     eps = []
-    for i, job in enumerate(jobs):
+    for job in jobs:
         fam, task, seed = job[:3]
-        eps.append(Episode(fam, task, seed, idx=i, stream=job[3] if len(job) > 3 else 0))
+        eps.append(Episode(fam, task, seed, stream=job[3] if len(job) > 3 else 0))
         eps[-1].job = tuple(job)
     live = list(eps)
     bar = None
@@ -576,9 +606,9 @@ def rollout(jobs, policy, ex: dict, theta: dict, budget: Budget | None = None, r
                 ep.prompts.append(ep.cur_prompt)
                 ep.p_large.append(float(p))
             ep.decisions.append(d)
-            action, _, _ = execs.act(ep, d)
+            action, n_prompt, n_completion = execs.act(ep, d)
             expert = ep.env.expert_action()
-            ep.cost += step_cost(ep.t, d, ex)
+            ep.cost += usage_cost(d, n_prompt, n_completion, ex)    # what the executor reports it used
             ep.n_large += d
             ep.recent_errors = (ep.recent_errors + [int(action != expert)])[-ex["error_window"]:]
             ep.turns.append((ep.obs, ACTIONS[action], d))
@@ -716,7 +746,8 @@ def targets_of(cfg: dict, model: str) -> dict:
 def calibrate(cfg: dict, log=print) -> dict:
     """Fit theta_{m,f} by bisection so that always-m reaches the published success on training tasks.
 
-    With common random numbers success is monotone in theta, so bisection is exact up to the sample.
+    Success rises with theta on average but not monotonically episode by episode (one different action
+    changes the rest of a trajectory), so the fit is as good as the sample: within 2 points here.
     A pair with only an aggregate figure ('all') gets one theta per model shared by all families.
     """
     c, fams = cfg["calibration"], cfg["env"]["families"]
@@ -925,14 +956,18 @@ class Router:
         model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device)
         return cls(model, tok, meta["context"])
 
-    def save(self, path) -> None:
-        """save_pretrained into a temp folder, then rename: a checkpoint is whole or absent."""
+    def save(self, path, extra: dict | None = None) -> None:
+        """save_pretrained into a temp folder, then rename: a checkpoint is whole or absent.
+        `extra` (e.g. the optimizer state of an RL checkpoint) goes in the same folder as state.pt."""
         import shutil
+        import torch
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(tmp)
         self.tok.save_pretrained(tmp)
+        if extra is not None:
+            torch.save(extra, tmp / "state.pt")
         scratch = "[PAD]" in self.tok.get_vocab() and self.tok.pad_token == "[PAD]"
         (tmp / "router.json").write_text(json.dumps({"context": self.context, "labels": LABELS,
                                                      "scratch_tokenizer": scratch, "device": str(self.device)}))
@@ -1126,6 +1161,10 @@ def frontier_metrics(points: list[dict], bounds: dict) -> dict:
     method's points, against bounds = {SR_S, SR_L, C_S, C_L} on the same tasks and draws."""
     dC = bounds["C_L"] - bounds["C_S"]
     dS = bounds["SR_L"] - bounds["SR_S"]
+    if dC <= 0 or dS <= 0:  # e.g. only putnext tasks: no gap between the boundaries to normalise by
+        match = [p["mean_cost"] for p in points if p["success_rate"] >= bounds["SR_L"] - 0.01]
+        return {"auc": None, "apgr": None, "cpt50": None, "cpt80": None,
+                "cost_to_match_large": min(match) if match else None}
     xs = [(p["mean_cost"] - bounds["C_S"]) / dC for p in points]
     sr = [p["success_rate"] for p in points]
     pgr = [(s - bounds["SR_S"]) / dS for s in sr]
@@ -1204,7 +1243,3 @@ def record_time(cfg: dict, stage: str, seconds: float) -> None:
     t = json.loads(p.read_text()) if p.is_file() else {}
     t[stage] = round(seconds, 1)
     write_json(p, t)
-
-
-def load_stage(cfg: dict, name: str):
-    return read_json(run_dir(cfg) / name)

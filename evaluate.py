@@ -6,6 +6,7 @@ in runs/<name>/eval_cache/, so a killed evaluation resumes where it stopped.
 
     python evaluate.py --config configs/default.yaml
 """
+import shutil
 import time
 
 import numpy as np
@@ -21,7 +22,18 @@ class Evaluator:
         self.cfg, self.d = cfg, bar.run_dir(cfg)
         self.theta = bar.read_json(self.d / "calibration.json")["theta"]
         self.jobs = [(f, s, EVAL_SEED0 + r) for f, s in bar.task_list(cfg, "test") for r in range(cfg["eval"]["seeds"])]
-        (self.d / "eval_cache").mkdir(exist_ok=True)
+        # Cached rollouts are reused only while what they depend on is unchanged: the test episodes,
+        # the simulated pair, the eval settings and every router checkpoint (by modification time).
+        cache = self.d / "eval_cache"
+        stamp = {"jobs": self.jobs, "theta": self.theta, "executors": cfg["executors"], "eval": cfg["eval"],
+                 "routers": {r: (self.d / r / "model.safetensors").stat().st_mtime
+                             for r in ROUTERS if (self.d / r / "model.safetensors").is_file()}}
+        stamp = bar.json.loads(bar.json.dumps(stamp))  # as it reads back from disk (tuples -> lists)
+        if cache.is_dir() and (not (cache / "stamp.json").is_file() or bar.read_json(cache / "stamp.json") != stamp):
+            print(f"evaluation inputs changed since {cache} was written: evaluating afresh")
+            shutil.rmtree(cache)
+        cache.mkdir(exist_ok=True)
+        bar.write_json(cache / "stamp.json", stamp)
 
     def play(self, key: str, spec, budget=None, jobs=None) -> list[dict]:
         """Rollouts of one method point, cached on disk by key."""
@@ -52,7 +64,7 @@ def main(argv=None):
         bar.fail(f"no trained router in '{d}': run `make sft bopo` (or the scripts) first")
 
     # 1. The boundaries on the test tasks; test-task classes come from them (same rule as training).
-    small, large = ev.play("always_small", ("always_small",)), ev.play("always_large", ("always_large",))
+    small, large = ev.play("always_small_None", ("always_small",)), ev.play("always_large_None", ("always_large",))
     st = bar.boundary_stats(small, large)
     tax = cfg["taxonomy"]
     classes = {k: bar.classify(v["s_S"], v["s_L"], tax["tau_easy"], tax["delta"]) for k, v in st.items()}

@@ -19,13 +19,17 @@ def main(argv=None):
     t0 = time.time()
     d = bar.run_dir(cfg)
 
-    # 1. Fit the simulated pair's abilities to the published success rates (cached per run).
-    if (d / "calibration.json").is_file():
-        theta = bar.read_json(d / "calibration.json")["theta"]
+    # 1. Fit the simulated pair's abilities to the published success rates (cached per run, and
+    #    reused only while the pair, the calibration settings and the families are unchanged).
+    fit_on = bar.json.loads(bar.json.dumps({"executors": cfg["executors"], "calibration": cfg["calibration"],
+                                            "families": cfg["env"]["families"]}))
+    cal = bar.read_json(d / "calibration.json") if (d / "calibration.json").is_file() else {}
+    if cal.get("fit_on") == fit_on:
+        theta = cal["theta"]
         print(f"calibration: reusing {d / 'calibration.json'}")
     else:
         theta = bar.calibrate(cfg)
-        bar.write_json(d / "calibration.json", {"theta": theta})
+        bar.write_json(d / "calibration.json", {"theta": theta, "fit_on": fit_on})
 
     # 2. Boundary policies on every training task, K rollouts each.
     K, tax = cfg["taxonomy"]["K"], cfg["taxonomy"]

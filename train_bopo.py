@@ -14,6 +14,7 @@ Checkpoints every `save_every` iterations; a restarted run resumes from the last
 
     python train_bopo.py --config configs/default.yaml
 """
+import json
 import shutil
 import time
 
@@ -32,7 +33,7 @@ VARIANTS = {
 }
 
 
-def group_advantages(results, st: dict, bc: dict) -> np.ndarray:
+def group_advantages(results, st: dict, bc: dict) -> tuple[np.ndarray, np.ndarray]:
     """Rewards and advantages of one task's G rollouts against its boundary statistics `st`."""
     lam, mode, cls = bc["lam"], bc["reward"], st["class"]
     r = bar.task_reward([x["success"] for x in results], bar.normalized_cost([x["cost"] for x in results], st["C_L"]),
@@ -51,7 +52,13 @@ def label_logp(router, ids, actions):
 def train_variant(cfg: dict, variant: str, stats: dict, theta: dict) -> None:
     d = bar.run_dir(cfg)
     bc = {**cfg["bopo"], **VARIANTS[variant]}
+    fingerprint = {k: v for k, v in bc.items() if k not in ("variants", "save_every")}
     out, ck = d / variant, d / f"{variant}.ckpt"
+    # A finished variant or a checkpoint is reused only if it was trained with this very config.
+    for folder in (out, ck):
+        if (folder / "bopo.json").is_file() and json.loads((folder / "bopo.json").read_text()) != fingerprint:
+            print(f"{variant}: bopo config changed since {folder} was written; training afresh")
+            shutil.rmtree(folder)
     if (out / "router.json").is_file():
         print(f"{variant}: done already ({out}); delete it to retrain")
         return
@@ -74,6 +81,9 @@ def train_variant(cfg: dict, variant: str, stats: dict, theta: dict) -> None:
             ref.model.load_state_dict(s["ref"])
         start = s["iter"]
         print(f"{variant}: resuming at iteration {start} from {ck}")
+        if log.is_file():  # drop the rows of iterations after the checkpoint: they are redone
+            rows = [r for r in log.read_text().splitlines() if json.loads(r)["iter"] <= start]
+            bar.atomic_write(log, "".join(r + "\n" for r in rows))
     elif log.exists():
         log.unlink()
 
@@ -101,8 +111,9 @@ def train_variant(cfg: dict, variant: str, stats: dict, theta: dict) -> None:
             A, r = group_advantages(grp, t, bc)
             rs.extend(r)
             for a, x in zip(A, grp):
-                # A random subset of each trajectory's decisions: an unbiased estimate of the loss
-                # over all of them, at a fraction of the cost on long (failed) episodes.
+                # A random subset of at most `decisions_per_traj` decisions of each trajectory: ~4x
+                # cheaper on long (failed) episodes. Unbiased for the mean over each trajectory's
+                # decisions, so trajectories weigh equally, not in proportion to their length.
                 n = len(x["decisions"])
                 keep = np.sort(rng.choice(n, min(n, bc["decisions_per_traj"]), replace=False))
                 ids += policy.encode([x["prompts"][i] for i in keep])
@@ -139,11 +150,12 @@ def train_variant(cfg: dict, variant: str, stats: dict, theta: dict) -> None:
         bar_.set_postfix(sr=f"{row['success_rate']:.2f}", large=f"{row['large_call_rate']:.2f}")
         if (it + 1) % bc["save_every"] == 0 and it + 1 < bc["iters"]:
             policy.model.eval()
-            policy.save(ck)
-            torch.save({"opt": opt.state_dict(), "iter": it + 1,
-                        "ref": ref.model.state_dict() if bc["init"] == "scratch" else None}, ck / "state.pt")
+            policy.save(ck, extra={"opt": opt.state_dict(), "iter": it + 1,
+                                   "ref": ref.model.state_dict() if bc["init"] == "scratch" else None})
+            bar.write_json(ck / "bopo.json", fingerprint)
     policy.model.eval()
     policy.save(out)
+    bar.write_json(out / "bopo.json", fingerprint)
     shutil.rmtree(ck, ignore_errors=True)
 
 

@@ -55,7 +55,11 @@ def test_bopo_resumes_after_a_kill(smoke_run, tmp_path):
     out = run_script("train_bopo.py", *a).stdout
     assert "resuming at iteration" in out
     rows = [json.loads(x) for x in (run / "bopo_log.jsonl").read_text().splitlines()]
-    assert rows[-1]["iter"] == 4 and (run / "bopo" / "router.json").is_file() and not (run / "bopo.ckpt").exists()
+    assert [r["iter"] for r in rows] == [1, 2, 3, 4]  # iterations redone after the kill are logged once
+    assert (run / "bopo" / "router.json").is_file() and not (run / "bopo.ckpt").exists()
+    # The finished variant is reused as it is, and retrained when its config changes.
+    assert "done already" in run_script("train_bopo.py", *a).stdout
+    assert "config changed" in run_script("train_bopo.py", *a, "--set", "bopo.iters=1").stdout
 
 
 @pytest.mark.parametrize("script,args,message", [
@@ -67,6 +71,11 @@ def test_bopo_resumes_after_a_kill(smoke_run, tmp_path):
     ("synthesize.py", ["--config", "configs/smoke.yaml", "--set", "env.families=[maze]"], "unknown family 'maze'"),
     ("train_bopo.py", ["--config", "configs/smoke.yaml", "--set", "bopo.eta=2"], "bopo.eta = 2.0 must lie in [0, 1]"),
     ("train_sft.py", ["--config", "configs/smoke.yaml", "--set", "sft.large_weight=-1"], "sft.large_weight = -1"),
+    ("train_bopo.py", ["--config", "configs/smoke.yaml", "--set", "bopo.lam=null"], "'bopo.lam' cannot be null"),
+    ("train_bopo.py", ["--config", "configs/smoke.yaml", "--set", "bopo.G=2.5"], "'bopo.G' must be a whole number"),
+    ("train_bopo.py", ["--config", "configs/smoke.yaml", "--set", "bopo.init=scrach"], "must be 'sft' or 'scratch'"),
+    ("synthesize.py", ["--config", "configs/smoke.yaml", "--set", "sampler.N=0"], "sampler.N = 0 must be at least 1"),
+    ("train_sft.py", ["--config", "configs/smoke.yaml", "--set", "router.dtype=float17"], "not a torch dtype"),
     ("train_bopo.py", ["--config", "configs/smoke.yaml", "--set", "bopo.variants=[ppo]"], "unknown variant 'ppo'"),
     ("synthesize.py", ["--config", "configs/smoke.yaml", "--set", "nonsense"], "must look like key.sub=value"),
 ])
