@@ -111,6 +111,10 @@ def test_frontier_metrics_on_known_curve():
     m = bar.frontier_metrics([{"mean_cost": 2.0, "success_rate": 0.4}, {"mean_cost": 4.0, "success_rate": 0.6}], bounds)
     assert m["apgr"] == pytest.approx(0.4375)
     assert m["cpt80"] == pytest.approx(1.1) and m["cost_to_match_large"] == pytest.approx(4.0)
+    # Boundaries without a success gap (e.g. only putnext tasks): nothing to normalise by, no crash.
+    flat = {"C_S": 1.0, "C_L": 3.0, "SR_S": 0.02, "SR_L": 0.02}
+    assert bar.frontier_metrics(pts, flat) == {"auc": None, "apgr": None, "cpt50": None, "cpt80": None,
+                                               "cost_to_match_large": 2.0}
     # Never reaching a level -> None.
     assert bar.frontier_metrics([{"mean_cost": 2.0, "success_rate": 0.3}], bounds)["cpt50"] is None
 
