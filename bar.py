@@ -23,8 +23,14 @@ import dataclasses
 import json
 import math
 import os
+import random
+import socket
 import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -118,11 +124,27 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
 
 
 def validate_config(cfg: dict) -> None:
-    fams = cfg["env"]["families"]
-    for f in fams:
-        if f not in FAMILIES:
-            raise ConfigError(f"env.families: unknown family '{f}' (choose from {', '.join(FAMILIES)})")
+    if cfg["env"]["name"] not in ENVS:
+        raise ConfigError(f"env.name = {cfg['env']['name']!r}: choose from {', '.join(ENVS)}")
+    known = env_class(cfg["env"]).FAMILIES
+    for f in cfg["env"]["families"]:
+        if f not in known:
+            raise ConfigError(f"env.families: unknown family '{f}' (choose from {', '.join(known)})")
     ex = cfg["executors"]
+    backends = {m: ex[m]["backend"] for m in MODEL_NAMES}
+    for m, b in backends.items():
+        if b not in ("simulated", "transformers", "openai"):
+            raise ConfigError(f"executors.{m}.backend = {b!r}: choose simulated, transformers or openai")
+        if b != "simulated" and not ex[m]["model"]:
+            raise ConfigError(f"executors.{m}.model is not set: the {b} backend needs a model name or path")
+        if b == "openai" and not ex[m]["base_url"]:
+            raise ConfigError(f"executors.{m}.base_url is not set: e.g. http://localhost:8000/v1 for vLLM")
+    if len(set(backends.values()) & {"simulated"}) and len(set(backends.values())) > 1:
+        raise ConfigError("executors: the simulated pair simulates both roles; set both backends to "
+                          "simulated, or both to real ones (transformers / openai)")
+    if is_simulated(ex) and not hasattr(env_class(cfg["env"]), "expert"):
+        raise ConfigError(f"env.name = {cfg['env']['name']}: it has no expert that replans after a mistake, "
+                          "so the simulated pair is not offered; use real executors (transformers / openai)")
     for m in MODEL_NAMES:
         t = ex[m]["targets"]
         if not isinstance(t, dict) or not all(isinstance(v, (int, float)) for v in t.values()):
@@ -130,7 +152,7 @@ def validate_config(cfg: dict) -> None:
         if not t:
             raise ConfigError(f"executors.{m}.targets is empty: give 'all' or per-family success targets")
         for k, v in t.items():
-            if k != "all" and k not in FAMILIES:
+            if k != "all" and k not in known:
                 raise ConfigError(f"executors.{m}.targets: unknown family '{k}'")
             if not 0 <= v <= 1:
                 raise ConfigError(f"executors.{m}.targets.{k} = {v} must be a success rate in [0, 1]")
@@ -218,11 +240,26 @@ def fail(msg: str) -> None:
 
 
 # ================================================================================================
-# 1. Environment: BabyAI rendered as text
+# 1. Environments: text games behind one small protocol
 # ================================================================================================
-# BALROG's five BabyAI families in an 8x8 room without extra distractors, built with upstream
-# minigrid's level machinery (BALROG's own minigrid fork is not on PyPI). Objects are balls and keys
-# only: a wrong `toggle` on a box destroys it.
+# Everything below this section talks to an environment through this protocol only, so a new
+# benchmark is one adapter class (registered in ENVS) and a config change:
+#
+#   FAMILIES                   the task families the adapter knows; a task is (family, seed)
+#   __init__(family, env_cfg)  env_cfg = the config's `env` section
+#   reset(seed) -> str         the first observation; sets .mission (the task text), .max_steps
+#   step(action: str) -> str   the next observation; updates .steps, .done, .success
+#   actions() -> list[str]     the valid actions now (what an LLM's reply is parsed against)
+#   .success                   progress in [0, 1]: 0/1 on BabyAI, score/max_score (1 if won) on text games
+#   .expert_failures           times the expert fell back (reported, 0 where there is no expert)
+# and, only where the simulated executor pair is offered (it needs an expert that replans):
+#   expert() -> str            the expert's action from the current state
+#   features() -> tuple        (needed thing not in view, step needs an interaction, closed/locked door)
+#   N_WRONG                    draws per step for "which wrong action" (common random numbers)
+#
+# BabyAI (the CPU default): BALROG's five families in an 8x8 room without extra distractors, built
+# with upstream minigrid's level machinery (BALROG's own minigrid fork is not on PyPI). Objects are
+# balls and keys only: a wrong `toggle` on a box destroys it.
 FAMILIES = ("goto", "pickup", "open", "putnext", "pick_up_seq_go_to")
 MAX_STEPS = {"goto": 64, "pickup": 64, "open": 128, "putnext": 128, "pick_up_seq_go_to": 128}
 ACTIONS = ("turn left", "turn right", "go forward", "pick up", "drop", "toggle")
@@ -324,7 +361,9 @@ class BabyAITextEnv:
     (`expert_failures` counts the times it fell back to a fresh bot).
     """
 
-    def __init__(self, family: str):
+    FAMILIES, N_WRONG, FALLBACK = FAMILIES, len(ACTIONS) - 1, "go forward"
+
+    def __init__(self, family: str, env_cfg: dict | None = None):
         self.family = family
         self.level = _make_level(family)
         self.max_steps = MAX_STEPS[family]
@@ -344,7 +383,12 @@ class BabyAITextEnv:
         self.obs, self.seen = describe_view(self.level)
         return self.obs
 
-    def step(self, action: int) -> str:
+    def actions(self) -> list[str]:
+        return list(ACTIONS)
+
+    def step(self, action: str) -> str:
+        """BALROG's rule: an action outside the six becomes "go forward"."""
+        action = ACTIONS.index(action) if action in ACTIONS else 2
         expert = self.expert_action()
         _, reward, terminated, truncated, _ = self.level.step(action)
         self.steps += 1
@@ -358,6 +402,12 @@ class BabyAITextEnv:
         return self.obs
 
     # -- hidden side: simulator internals, never shown to the router ----------------------------
+    def expert(self) -> str:
+        return ACTIONS[self.expert_action()]
+
+    def features(self) -> tuple[bool, bool, bool]:
+        return not self.needed_in_view(), self.expert_action() in INTERACT, self.door_in_view()
+
     def expert_action(self) -> int:
         if self._expert is None:
             try:
@@ -419,12 +469,244 @@ class BabyAITextEnv:
         return "locked " in self.obs or "closed " in self.obs
 
 
+
+class TextWorldEnv:
+    """BALROG's three TextWorld families, generated offline from the task seed by TextWorld's own
+    generator and cached under `env.cache_dir` (a few seconds each, once).
+
+    Settings follow BALROG's description (its pre-generated games are not on PyPI): treasure_hunter at
+    level 30 (20 rooms, locked doors and containers), keeping only games whose walkthrough has at least
+    15 steps (BALROG keeps > 20, but TextWorld 1.7's level-30 quest is at most 20 steps long; 8-50 s
+    to generate one); the cooking game with 5 ingredients to find and prepare across 12 rooms, doors to open,
+    cooking and cutting; coin_collector at level 120 (a 20-room chain plus 20 dead-end rooms). For the
+    two quest games the goal text names only the last action, not the route. Limited inventory
+    (`--drop`) is left out of the cooking game: with it TextWorld's planner returns no policy.
+
+    The expert is TextWorld's own planner: the winning policy from the current state (it replans after
+    mistakes). Progress = score / max_score, 1 if won; the episode ends when won, lost or at the cap.
+    """
+    FAMILIES, N_WRONG = ("treasure_hunter", "the_cooking_game", "coin_collector"), 720720  # lcm(1..16)
+    FALLBACK = "look"  # what an unparsable reply becomes (counted invalid)
+    MAX_STEPS = 80
+
+    def __init__(self, family: str, env_cfg: dict):
+        self.family, self.cache = family, Path(env_cfg["cache_dir"])
+        self.max_steps = env_cfg.get("max_steps") or self.MAX_STEPS
+        self.expert_failures, self._env = 0, None
+
+    def game_file(self, seed: int) -> Path:
+        """The compiled game of (family, seed), generated on first use. Written to a private folder
+        and renamed into place, so parallel workers never read half a game."""
+        path = self.cache / f"{self.family}_{seed}.z8"
+        if path.exists():
+            return path
+        import shutil
+        import textworld
+        import textworld.challenges as ch
+        self.cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.cache, prefix=".gen-"))
+        try:
+            for retry in range(100):  # treasure_hunter: regenerate until the walkthrough is >= 15 steps
+                opt = textworld.GameOptions()
+                opt.seeds = seed * 1000 + retry
+                opt.path, opt.force_recompile = str(tmp / path.name), True
+                opt.grammar.only_last_action = True
+                if self.family == "treasure_hunter":
+                    game = ch.treasure_hunter.make({"level": 30}, opt)
+                    if len(game.walkthrough) < 15:
+                        continue
+                elif self.family == "coin_collector":
+                    game = ch.coin_collector.make({"level": 120}, opt)
+                else:
+                    opt.grammar.only_last_action = False
+                    game = ch.cooking.make({"recipe": 5, "take": 5, "go": 12, "open": True, "cook": True,
+                                            "cut": True, "drop": False, "recipe_seed": seed, "split": None}, opt)
+                break
+            textworld.generator.compile_game(game, opt)
+            os.replace(tmp / path.with_suffix(".json").name, path.with_suffix(".json"))
+            os.replace(tmp / path.name, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+    def reset(self, seed: int) -> str:
+        import textworld
+        infos = textworld.EnvInfos(admissible_commands=True, policy_commands=True, score=True,
+                                   max_score=True, won=True, lost=True, objective=True, description=True)
+        self.close()
+        self._env = textworld.start(str(self.game_file(seed)), request_infos=infos)
+        self.state = self._env.reset()
+        self.mission = " ".join(self.state.objective.split())
+        self.steps, self.done, self.success = 0, False, 0.0
+        self.obs = _clean_feedback(self.state.description)
+        return self.obs
+
+    def step(self, action: str) -> str:
+        self.state, _, done = self._env.step(action)
+        self.steps += 1
+        st = self.state
+        self.success = 1.0 if st.won else max(0.0, st.score / max(st.max_score, 1))
+        self.done = bool(done or st.won or st.lost or self.steps >= self.max_steps)
+        self.obs = _clean_feedback(st.feedback)
+        return self.obs
+
+    def actions(self) -> list[str]:
+        return list(self.state.admissible_commands)
+
+    def close(self) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+
+    # -- hidden side ------------------------------------------------------------------------------
+    def expert(self) -> str:
+        if self.state.policy_commands:
+            return self.state.policy_commands[0]
+        self.expert_failures += 1           # no winning policy from here (rare): look around
+        return "look"
+
+    def features(self) -> tuple[bool, bool, bool]:
+        words = [w for w in self.expert().lower().split()[1:] if w not in _FUNCTION_WORDS]
+        text = self.obs.lower()
+        return (any(w not in text for w in words), not self.expert().startswith("go "),
+                "closed" in text or "locked" in text)
+
+
+class ScienceWorldEnv:
+    """One ScienceWorld JVM driven through the project's text-env protocol.
+
+    Each seed maps to one task variation: seeds below `test_seed_offset` index
+    the package's train variations, larger seeds its test variations, so the
+    two seed ranges never share a variation. One instance holds one JVM (about
+    1.5 s to start); reuse it across reset() calls, and switch task by setting
+    `self.family = other` before reset(). Each reset re-loads the task (0.02-0.3 s).
+
+    There is no expert()/features(): ScienceWorld ships only a fixed gold
+    path per variation (gold_actions()); nothing replans after a mistake, so
+    expert-labelled routing is not available here. expert_failures stays 0.
+
+    Score: the simulator reports progress in [0, 1], or -1 when the task is
+    failed (e.g. focusing on the wrong object). It does NOT flag a failed task
+    as completed, so step() ends the episode on a negative score itself.
+    """
+
+    FAMILIES: tuple[str, ...] = (  # same order as get_task_names() in scienceworld 1.2.3
+        "boil", "change-the-state-of-matter-of", "chemistry-mix",
+        "chemistry-mix-paint-secondary-color", "chemistry-mix-paint-tertiary-color",
+        "find-animal", "find-living-thing", "find-non-living-thing", "find-plant",
+        "freeze", "grow-fruit", "grow-plant", "identify-life-stages-1",
+        "identify-life-stages-2", "inclined-plane-determine-angle",
+        "inclined-plane-friction-named-surfaces", "inclined-plane-friction-unnamed-surfaces",
+        "lifespan-longest-lived", "lifespan-longest-lived-then-shortest-lived",
+        "lifespan-shortest-lived", "measure-melting-point-known-substance",
+        "measure-melting-point-unknown-substance", "melt", "mendelian-genetics-known-plant",
+        "mendelian-genetics-unknown-plant", "power-component",
+        "power-component-renewable-vs-nonrenewable-energy", "test-conductivity",
+        "test-conductivity-of-unknown-substances", "use-thermometer")
+
+    MAX_STEPS, FALLBACK = 100, "look around"
+
+    def __init__(self, family: str, env_cfg: dict):
+        import shutil
+        if shutil.which("java") is None:
+            raise ConfigError("ScienceWorld needs a Java runtime (java on PATH): "
+                              "`sudo apt-get install default-jre-headless`, then `make install-envs`")
+        from scienceworld import ScienceWorldEnv as _SW  # imported late: optional, needs java
+        self.family, self.max_steps = family, env_cfg.get("max_steps") or self.MAX_STEPS
+        self.test_seed_offset, self.simplifications = env_cfg["test_seed_offset"], env_cfg["simplifications"]
+        # py4j binds the gateway and its callback server to ephemeral ports (port=0),
+        # so instances in several processes can run side by side without setup.
+        self._sw = _SW("", envStepLimit=10**9)  # our own max_steps governs episode length
+        self.mission, self.obs, self.steps, self.done = "", "", 0, False
+        self.success, self.expert_failures = 0.0, 0
+        self._variation, self._history, self._gold, self._valid = None, [], None, None
+        self._splits = {}  # family -> (train, test) variation lists, fetched once
+
+    def reset(self, seed: int) -> str:
+        if self.family not in self.FAMILIES:
+            raise ValueError(f"unknown ScienceWorld task {self.family!r}")
+        sw = self._sw
+        if self.family not in self._splits:  # the lists belong to the loaded task
+            sw.load(self.family, 0, self.simplifications)
+            self._splits[self.family] = (sw.get_variations_train(), sw.get_variations_test())
+        train, test = self._splits[self.family]
+        if seed < self.test_seed_offset:
+            self._variation = train[seed % len(train)]
+        else:
+            self._variation = test[(seed - self.test_seed_offset) % len(test)]
+        # Gold paths cost 0.1-8 s to generate, so they are only made on request.
+        sw.load(self.family, self._variation, self.simplifications, generateGoldPath=False)
+        self._history, self._gold, self._valid = [], None, None
+        self.steps, self.done, self.success = 0, False, 0.0
+        self.mission = sw.get_task_description()
+        self.obs = f"{self.mission}\n\n{sw.look()}"  # look() is free: no move used
+        return self.obs
+
+    def step(self, action: str) -> str:
+        # Call the Java side directly: the wrapper's step() also gathers look,
+        # inventory and all valid actions every move (30-110 ms instead of ~1 ms).
+        server = self._sw.server
+        self.obs = server.step(action)  # unknown text -> "No known action matches that input."
+        self._history.append(action)
+        self.steps += 1
+        self._valid = None
+        score = round(100 * server.getScore())  # same rounding as the package
+        failed, completed = score < 0, bool(server.getCompleted())
+        self.success = 0.0 if failed else min(max(score / 100.0, 0.0), 1.0)
+        if completed and score >= 100:
+            self.success = 1.0
+        self.done = failed or completed or self.steps >= self.max_steps
+        return self.obs
+
+    def actions(self) -> list[str]:
+        # Usually ~100-1500 strings (up to ~4600), 15-100 ms a call: computed once per state.
+        # After an ambiguous action the simulator waits for a choice and this is ['0', '1', ...].
+        if self._valid is None:
+            self._valid = sorted(set(self._sw.get_valid_action_object_combinations()))
+        return list(self._valid)
+
+    def gold_actions(self) -> list[str]:
+        if self._gold is None:
+            # Re-load with the gold path and replay this episode's moves; the simulator
+            # is deterministic per variation, so the state is the same as before
+            # (only the order in which some texts list objects can differ).
+            self._sw.load(self.family, self._variation, self.simplifications, generateGoldPath=True)
+            for action in self._history:
+                self._sw.server.step(action)
+            self._gold, self._valid = list(self._sw.get_gold_action_sequence()), None
+        return list(self._gold)
+
+    def close(self):
+        if self._sw is not None:  # idempotent: the package also closes from __del__
+            self._sw.close()
+            self._sw = None
+
+
+_FUNCTION_WORDS = {"the", "a", "an", "with", "from", "in", "into", "on", "to"}
+
+
+def _clean_feedback(text: str) -> str:
+    """TextWorld's feedback without the prompt sign and runs of blank lines."""
+    lines = [ln.strip() for ln in text.replace(">", " ").splitlines()]
+    return "\n".join(ln for ln in lines if ln)
+
+
+ENVS = {"babyai": BabyAITextEnv, "textworld": TextWorldEnv, "scienceworld": ScienceWorldEnv}
+
+
+def env_class(env_cfg: dict | None):
+    return ENVS[(env_cfg or {}).get("name", "babyai")]
+
 # ================================================================================================
 # 2. Executors and cost
 # ================================================================================================
-# An executor produces one agent step. The protocol is small so that a transformers or an HTTP
-# executor can plug in (a later issue): act on an episode's public transcript, return the action and
-# the token usage. The CPU default *simulates* the pair on the real environment:
+# An executor pair produces agent steps: `act(episodes, model)` -> one (action, prompt tokens,
+# completion tokens) per episode, for a batch of episodes at once, and `max_cost(episode, model)`, an
+# upper bound on the next step's dollars that budget-constrained decoding checks before the call.
+# Each role (small, large) picks a backend in the config: `simulated` (the CPU default, below),
+# `transformers` (a local AutoModelForCausalLM) or `openai` (any OpenAI-compatible HTTP server).
+#
+# The simulated pair runs on the real environment and needs its expert:
 #
 #   p_m(s) = sigmoid(theta_{m,f} - beta_m * d(s) - gamma * e_t)      (prob. of the expert action)
 #
@@ -457,7 +739,7 @@ def step_cost(step: int, model: int, ex: dict) -> float:
 
 
 class SimulatedExecutors:
-    """The calibrated simulated pair: `act(episode, model)` -> (action, prompt_tokens, completion_tokens)."""
+    """The calibrated simulated pair. Needs an environment with an expert (BabyAI, TextWorld)."""
 
     def __init__(self, ex: dict, theta: dict):
         self.ex, self.theta = ex, theta  # theta[model_name][family]
@@ -465,9 +747,7 @@ class SimulatedExecutors:
         self.w = (w["not_in_view"], w["interaction"], w["door"])
 
     def difficulty(self, ep) -> float:
-        env = ep.env
-        f = (not env.needed_in_view(), env.expert_action() in INTERACT, env.door_in_view())
-        return sum(wi * fi for wi, fi in zip(self.w, f))
+        return sum(wi * fi for wi, fi in zip(self.w, ep.env.features()))
 
     def p_correct(self, ep, model: int) -> float:
         name = MODEL_NAMES[model]
@@ -475,15 +755,292 @@ class SimulatedExecutors:
              - self.ex["gamma"] * sum(ep.recent_errors))
         return sigmoid(z)
 
-    def act(self, ep, model: int):
-        t = ep.env.steps
-        expert = ep.env.expert_action()
-        if ep.u_correct[t] < self.p_correct(ep, model):
-            action = expert
+    def max_cost(self, ep, model: int) -> float:
+        return step_cost(ep.t, model, self.ex)  # exact: the simulated usage is known in advance
+
+    def act(self, eps, model: int) -> list[tuple[str, int, int]]:
+        out = []
+        for ep in eps:
+            t, expert = ep.env.steps, ep.env.expert()
+            if ep.u_correct[t] < self.p_correct(ep, model):
+                action = expert
+            else:  # a uniformly random other valid action, drawn from the shared dice
+                others = [a for a in ep.env.actions() if a != expert] or [expert]
+                action = others[ep.u_wrong[t] % len(others)]
+            ep.recent_errors = (ep.recent_errors + [int(action != expert)])[-self.ex["error_window"]:]
+            out.append((action, prompt_tokens(t, self.ex), self.ex["completion_tokens"]))
+        return out
+
+
+# -- real executors: an LLM plays the step ---------------------------------------------------------
+# The agent prompt (BALROG-style, plain, no reasoning): a system message with the task and the valid
+# actions (all of them when there are at most `list_actions`, as on BabyAI and TextWorld; ScienceWorld
+# has about a thousand, so there it gets a sample and the verbs), then the last `history` turns and the
+# current observation. The reply is parsed to a valid action by `parse_action`.
+AGENT_SYSTEM = ("You are an agent playing a text game. Task: {mission}\n"
+                "Valid actions now: {actions}\n"
+                "Answer with exactly one action, copied from the valid actions, and nothing else.")
+
+
+def agent_messages(ep, history: int, list_actions: int = 60) -> list[dict]:
+    valid = ep.env.actions()
+    shown = valid if len(valid) <= list_actions else valid[:: max(1, len(valid) // list_actions)]
+    more = "" if len(shown) == len(valid) else f" (and {len(valid) - len(shown)} more of these forms)"
+    msgs = [{"role": "system", "content": AGENT_SYSTEM.format(mission=ep.env.mission,
+                                                             actions="; ".join(shown) + more)}]
+    for obs, action, _ in ep.turns[-history:] if history else ep.turns:
+        msgs += [{"role": "user", "content": obs}, {"role": "assistant", "content": action}]
+    msgs.append({"role": "user", "content": ep.obs})
+    return msgs
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def parse_action(reply: str, valid: list[str], fallback: str) -> tuple[str, bool]:
+    """The reply's first non-empty line, stripped of quotes and a trailing full stop, as an action:
+    1. exactly a valid action;  2. equal to one up to case and whitespace;  3. otherwise `fallback`
+    (the environment's own rule for unparsable output: BabyAI's "go forward", as BALROG), and the step
+    counts as invalid (`invalid` in every results row)."""
+    line = next((ln for ln in reply.strip().splitlines() if ln.strip()), "")
+    line = line.strip().strip("\"'`").rstrip(".").strip()
+    if line in valid:
+        return line, True
+    by_norm = {_norm(a): a for a in valid}
+    if _norm(line) in by_norm:
+        return by_norm[_norm(line)], True
+    return fallback, False
+
+
+class LLMExecutors:
+    """Both roles played by real models: a `backend` per role with `chat_many(list of message lists)`
+    -> [(reply, prompt tokens, completion tokens)], batched across episodes."""
+
+    def __init__(self, ex: dict):
+        self.ex = ex
+        self.backends = [_backend(ex, m) for m in MODEL_NAMES]
+
+    def max_cost(self, ep, model: int) -> float:
+        """Upper bound before the call: at most one token per character of the prompt plus 64 for the
+        chat template, and `max_new_tokens` of completion. Loose, never exceeded by a real tokenizer."""
+        chars = sum(len(m["content"]) for m in agent_messages(ep, self.ex["history"]))
+        return usage_cost(model, chars + 64, self.ex[MODEL_NAMES[model]]["max_new_tokens"], self.ex)
+
+    def act(self, eps, model: int) -> list[tuple[str, int, int]]:
+        replies = self.backends[model].chat_many([agent_messages(ep, self.ex["history"]) for ep in eps])
+        out = []
+        for ep, (reply, n_prompt, n_completion) in zip(eps, replies):
+            action, ok = parse_action(reply, ep.env.actions(), ep.env.FALLBACK)
+            ep.invalid += not ok
+            out.append((action, n_prompt, n_completion))
+        return out
+
+
+_BACKENDS: dict = {}  # one model / client per process and role configuration
+
+
+def _backend(ex: dict, model: str):
+    c = ex[model]
+    key = (model, json.dumps(c, sort_keys=True, default=str))
+    if key not in _BACKENDS:
+        if c["backend"] == "transformers":
+            _BACKENDS[key] = TransformersChat(c["model"], c["max_new_tokens"], c["temperature"],
+                                              c["device"], c["dtype"])
         else:
-            others = [a for a in range(len(ACTIONS)) if a != expert]
-            action = others[ep.u_wrong[t]]
-        return action, prompt_tokens(t, self.ex), self.ex["completion_tokens"]
+            _BACKENDS[key] = OpenAIClient(model, c["base_url"], c["model"], c["api_key_env"], c["timeout"],
+                                          c["retries"], c["backoff"], c["concurrency"], c["max_new_tokens"],
+                                          c["temperature"])
+    return _BACKENDS[key]
+
+
+def make_executors(ex: dict, theta: dict):
+    return SimulatedExecutors(ex, theta) if is_simulated(ex) else LLMExecutors(ex)
+
+
+def is_simulated(ex: dict) -> bool:
+    return all(ex[m]["backend"] == "simulated" for m in MODEL_NAMES)
+
+
+class TransformersChat:
+    """A local AutoModelForCausalLM with its chat template; greedy (temperature 0) or sampled.
+    Many episodes go through one left-padded `generate` call. Token counts are the real ones: the
+    prompt's tokens without padding, and the reply's tokens up to and including end-of-sequence."""
+
+    def __init__(self, path: str, max_new_tokens: int, temperature: float, device: str, dtype: str):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        _quiet_transformers()
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.tok.padding_side = "left"
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+        self.max_new_tokens, self.temperature, self.device = max_new_tokens, temperature, device
+
+    def chat_many(self, batch: list[list[dict]]) -> list[tuple[str, int, int]]:
+        import torch
+        texts = [self.tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in batch]
+        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        sample = self.temperature > 0
+        with torch.no_grad():
+            out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=sample,
+                                      temperature=self.temperature if sample else None, top_p=None, top_k=None,
+                                      pad_token_id=self.tok.pad_token_id)
+        new = out[:, enc["input_ids"].shape[1]:]
+        res = []
+        for i in range(len(batch)):
+            ids = new[i].tolist()
+            if self.tok.eos_token_id in ids:
+                ids = ids[:ids.index(self.tok.eos_token_id) + 1]
+            res.append((self.tok.decode(ids, skip_special_tokens=True), int(enc["attention_mask"][i].sum()),
+                        len(ids)))
+        return res
+
+
+RETRY_AFTER_CAP_S = 60.0  # a server asking for longer is better treated as down
+
+
+class EndpointError(RuntimeError):
+    """One-line, actionable failure talking to an executor endpoint."""
+
+
+def _snippet(raw: bytes, n: int = 200) -> str:
+    # Bounded and on one line: these messages land in logs and result tables.
+    return " ".join(raw[:n].decode("utf-8", "replace").split())
+
+
+def _retry_after(value) -> float | None:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):  # absent, or an HTTP-date: use our own backoff
+        return None
+    return min(max(seconds, 0.0), RETRY_AFTER_CAP_S) if seconds == seconds else None  # NaN
+
+
+class OpenAIClient:
+    """An OpenAI-compatible /chat/completions endpoint (vLLM, llama.cpp server, hosted APIs), stdlib
+    only. The API key is read from the environment variable `api_key_env` at request time; only the
+    variable's name is stored, and the key is scrubbed from every error. Token usage comes from the
+    response (a server that reports none is an error: the cost would be unknown). Timeouts, bounded
+    retries with exponential backoff on 429 / 5xx / dropped connections, and `concurrency` requests
+    in flight across episodes."""
+
+    def __init__(self, role: str, base_url: str, model: str,
+                 api_key_env: str | None = "OPENAI_API_KEY", timeout: float = 60.0,
+                 retries: int = 4, backoff: float = 1.0, concurrency: int = 8,
+                 max_tokens: int = 16, temperature: float = 0.0, sleep=time.sleep):
+        self.role, self.base_url, self.model = role, base_url, model
+        self.api_key_env = api_key_env  # the variable's name, never its value
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.concurrency, self.max_tokens, self.temperature = concurrency, max_tokens, temperature
+        self.sleep = sleep  # injectable so tests can record delays instead of waiting
+        self.url = base_url.rstrip("/") + "/chat/completions"
+
+    def __repr__(self):
+        return f"OpenAIClient(role={self.role!r}, base_url={self.base_url!r}, model={self.model!r})"
+
+    def _key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+    def _error(self, problem: str) -> EndpointError:
+        msg = f"executor {self.role!r}: {problem}"
+        key = self._key()
+        # A server may echo request headers in its error body: never pass the key on.
+        return EndpointError(msg.replace(key, "<redacted>") if key else msg)
+
+    def _http_error(self, code: int, body: bytes) -> EndpointError:
+        if code in (401, 403):  # no body here: OpenAI echoes a partly masked key
+            fix = (f"check the API key in ${self.api_key_env}" if self._key() else
+                   f"no API key was sent: set ${self.api_key_env}" if self.api_key_env else
+                   f"no API key was sent: set executors.{self.role}.api_key_env")
+        elif code == 404:
+            fix = f"check executors.{self.role}.base_url (usually ends in /v1) and model {self.model!r}"
+        else:
+            fix = f"server said: {_snippet(body)!r}"
+        return self._error(f"{self.url} answered HTTP {code}: {fix}")
+
+    def _parse(self, raw: bytes) -> tuple[str, int, int]:
+        try:
+            data = json.loads(raw)
+        except ValueError:  # covers JSONDecodeError and invalid UTF-8
+            return self._raise(f"{self.url} answered malformed JSON (first 200 chars: {_snippet(raw)!r})")
+        try:
+            text = data["choices"][0]["message"].get("content") or ""  # null content = empty reply
+            if not isinstance(text, str):
+                raise TypeError
+        except (KeyError, IndexError, TypeError, AttributeError):
+            return self._raise(f"{self.url} answered JSON without a text choices[0].message.content "
+                               f"(first 200 chars: {_snippet(raw)!r})")
+        usage = data.get("usage")
+        tokens = [usage.get(k) if isinstance(usage, dict) else None
+                  for k in ("prompt_tokens", "completion_tokens")]
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            return self._raise(f"{self.url} did not report token usage (usage.prompt_tokens/"
+                               f"completion_tokens), so the cost would be unknown: use a server that does")
+        return text, tokens[0], tokens[1]
+
+    def _raise(self, problem: str):
+        raise self._error(problem) from None
+
+    def chat(self, messages: list[dict]) -> tuple[str, int, int]:
+        body = json.dumps({"model": self.model, "messages": messages,
+                           "max_tokens": self.max_tokens, "temperature": self.temperature}).encode()
+        headers = {"Content-Type": "application/json"}
+        key = self._key()  # read per request so a rotated key is picked up; unset = local server
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        if not self.url.startswith(("http://", "https://")):  # a config typo: retrying cannot help
+            self._raise(f"bad URL {self.url!r} (not http:// or https://): "
+                        f"check executors.{self.role}.base_url")
+        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        last, unreachable = "", False
+        for attempt in range(self.retries + 1):
+            wait = None
+            try:
+                # timeout bounds each socket operation (connect, each read), not the whole call.
+                with urllib.request.urlopen(request, timeout=self.timeout) as resp:
+                    raw = resp.read()
+            except urllib.error.HTTPError as e:  # must precede OSError: it is a subclass
+                if e.code != 429 and e.code < 500:  # caller's mistake: retrying cannot help
+                    try:
+                        detail = e.read()
+                    except OSError:
+                        detail = b""
+                    raise self._http_error(e.code, detail) from None
+                last, unreachable = f"HTTP {e.code}", False
+                wait = _retry_after(e.headers.get("Retry-After")) if e.code == 429 else None
+            except OSError as e:
+                reason = e.reason if isinstance(e, urllib.error.URLError) else e  # unwrap
+                if isinstance(reason, (TimeoutError, socket.timeout)):
+                    last, unreachable = f"timed out after {self.timeout:g} s", False
+                elif isinstance(reason, ConnectionError) and not isinstance(reason, ConnectionRefusedError):
+                    last, unreachable = f"connection dropped: {type(reason).__name__}", False
+                else:  # refused, DNS failure, no route: the server is not where config says
+                    last, unreachable = getattr(reason, "strerror", None) or str(reason), True
+            except Exception as e:  # http.client protocol errors (IncompleteRead, BadStatusLine)
+                self._raise(f"{self.url} broke the HTTP exchange ({type(e).__name__}: {e})")
+            else:
+                return self._parse(raw)  # a bad body is deterministic: never retried
+            if attempt < self.retries:
+                base = self.backoff * 2 ** attempt
+                # Jitter keeps parallel workers from retrying in lock-step against one server.
+                self.sleep(wait if wait is not None else base + random.uniform(0, 0.1 * base))
+        if unreachable:
+            self._raise(f"cannot reach {self.url} ({last}) after {self.retries} retries: "
+                        f"is the server running? check executors.{self.role}.base_url")
+        self._raise(f"{self.url} gave up after {self.retries} retries (last: {last})")
+
+    def chat_many(self, batch: list[list[dict]]) -> list[tuple[str, int, int]]:
+        if not batch:
+            return []
+        pool = ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(batch))))
+        try:
+            futures = [pool.submit(self.chat, messages) for messages in batch]
+            return [f.result() for f in futures]  # input order; re-raises the first failure
+        finally:
+            # After a failure, drop queued episodes instead of paying for a run already lost.
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ================================================================================================
@@ -493,20 +1050,19 @@ class Episode:
     """One (task, rollout seed) played by one routing policy. Holds the public transcript the router
     reads, the hidden simulator state it must not read, and the budget state."""
 
-    def __init__(self, family: str, task_seed: int, rollout_seed: int, stream: int = 0,
-                 env: BabyAITextEnv | None = None):
+    def __init__(self, family: str, task_seed: int, rollout_seed: int, stream: int = 0, env=None):
         self.family, self.task_seed, self.rollout_seed = family, task_seed, rollout_seed
         self.env = env or BabyAITextEnv(family)
         self.obs = self.env.reset(task_seed)
-        fam = FAMILIES.index(family)
+        fam = type(self.env).FAMILIES.index(family)
         rng = np.random.default_rng([fam, task_seed, rollout_seed])     # common random numbers
         self.u_correct = rng.random(self.env.max_steps)
-        self.u_wrong = rng.integers(0, len(ACTIONS) - 1, self.env.max_steps)
+        self.u_wrong = rng.integers(0, getattr(self.env, "N_WRONG", 1), self.env.max_steps)
         self.stream = stream
         self.route_rng = np.random.default_rng([fam, task_seed, rollout_seed, 7, stream])
         self.turns: list[tuple[str, str, int]] = []  # (observation, action text, model) so far
         self.recent_errors: list[int] = []
-        self.cost, self.n_large, self.done, self.success = 0.0, 0, False, False
+        self.cost, self.n_large, self.done, self.success, self.invalid = 0.0, 0, False, 0.0, 0
         self.decisions: list[int] = []
         self.p_large: list[float] = []
         self.prompts: list[str] = []
@@ -518,7 +1074,8 @@ class Episode:
 
     def summary(self) -> dict:
         return {"family": self.family, "task": self.task_seed, "seed": self.rollout_seed,
-                "success": int(self.success), "cost": self.cost, "n_large": self.n_large,
+                "success": float(self.success), "cost": self.cost, "n_large": self.n_large,
+                "invalid": self.invalid,
                 "steps": self.t, "decisions": self.decisions, "budget_exhausted": self.budget_exhausted,
                 "expert_failures": self.env.expert_failures}
 
@@ -535,10 +1092,15 @@ class Budget:
         if self.dollars is not None and self.dollars < 0:
             raise ConfigError(f"budget dollars={self.dollars} is below zero; use >= 0 or null")
 
-    def allows(self, ep: Episode, model: int, ex: dict) -> bool:
+    def allows(self, ep: Episode, model: int, ex: dict, bound: float | None = None) -> bool:
+        """May `model` take the next step? `bound` = the executor's upper bound on its dollars
+        (default: the simulated pair's exact step cost)."""
         if model == LARGE and self.large_calls is not None and ep.n_large >= self.large_calls:
             return False
-        return self.dollars is None or ep.cost + step_cost(ep.t, model, ex) <= self.dollars * (1 + 1e-12)
+        if self.dollars is None:
+            return True
+        cost = step_cost(ep.t, model, ex) if bound is None else bound
+        return ep.cost + cost <= self.dollars * (1 + 1e-12)
 
     def text(self, ep: Episode) -> str:
         """The budget state in the router's prompt (dollars in units of 1e-4)."""
@@ -570,50 +1132,58 @@ def decide(p: float, ep: Episode, policy) -> int:
 
 
 def rollout(jobs, policy, ex: dict, theta: dict, budget: Budget | None = None, record: bool = False,
-            progress: bool = False, history: int | None = None) -> list[dict]:
+            progress: bool = False, history: int | None = None, env: dict | None = None) -> list[dict]:
     """Play every job (family, task_seed, rollout_seed[, stream]) to the end, all in lockstep.
 
     Before each step the policy scores every live episode at once (one batched router forward);
     budget-constrained decoding then masks LARGE wherever it would break the cap. If even a SMALL
     step would break a dollar cap, the episode stops there as a failure: spend never exceeds a cap.
+    Then each executor plays its share of the live episodes in one batch. `env` is the config's `env`
+    section (None: BabyAI). At most `env.max_live` episodes are in play at once (one JVM each on
+    ScienceWorld); the rest wait their turn.
     """
     budget = budget or Budget()
-    execs = SimulatedExecutors(ex, theta)
-    eps = []
-    for job in jobs:
-        fam, task, seed = job[:3]
-        eps.append(Episode(fam, task, seed, stream=job[3] if len(job) > 3 else 0))
-        eps[-1].job = tuple(job)
-    live = list(eps)
+    execs = make_executors(ex, theta)
+    cls, live_cap = env_class(env), (env or {}).get("max_live") or len(jobs)
+    eps, waiting, live = [], [tuple(j) for j in jobs], []
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(eps), desc=getattr(policy, "name", "rollout"), leave=False)
-    while live:
+        bar = tqdm(total=len(jobs), desc=getattr(policy, "name", "rollout"), leave=False)
+    while waiting or live:
+        while waiting and len(live) < live_cap:
+            job = waiting.pop(0)
+            ep = Episode(*job[:3], stream=job[3] if len(job) > 3 else 0, env=_free_env(cls, job[0], env))
+            ep.job = job
+            eps.append(ep)
+            live.append(ep)
         if record or getattr(policy, "needs_prompts", False):
             for ep in live:
                 ep.cur_prompt = render_prompt(ep, budget, history)
         ps = policy.p_large(live, execs)
+        acting = {SMALL: [], LARGE: []}
         for ep, p in zip(live, ps):
             d = decide(float(p), ep, policy)
-            if d == LARGE and not budget.allows(ep, LARGE, ex):
+            if d == LARGE and not budget.allows(ep, LARGE, ex, execs.max_cost(ep, LARGE)):
                 d = SMALL                                   # budget-constrained decoding
-            if not budget.allows(ep, SMALL, ex):            # not even a cheap step fits: stop
+            if not budget.allows(ep, SMALL, ex, execs.max_cost(ep, SMALL)):  # not even a cheap step fits
                 ep.done, ep.budget_exhausted = True, True
                 continue
             if record:
                 ep.prompts.append(ep.cur_prompt)
                 ep.p_large.append(float(p))
             ep.decisions.append(d)
-            action, n_prompt, n_completion = execs.act(ep, d)
-            expert = ep.env.expert_action()
-            ep.cost += usage_cost(d, n_prompt, n_completion, ex)    # what the executor reports it used
-            ep.n_large += d
-            ep.recent_errors = (ep.recent_errors + [int(action != expert)])[-ex["error_window"]:]
-            ep.turns.append((ep.obs, ACTIONS[action], d))
-            ep.obs = ep.env.step(action)
-            ep.done, ep.success = ep.env.done, ep.env.success
+            acting[d].append(ep)
+        for d, group in acting.items():                     # one batched call per executor
+            for ep, (action, n_prompt, n_completion) in zip(group, execs.act(group, d) if group else []):
+                ep.cost += usage_cost(d, n_prompt, n_completion, ex)    # what the executor reports it used
+                ep.n_large += d
+                ep.turns.append((ep.obs, action, d))
+                ep.obs = ep.env.step(action)
+                ep.done, ep.success = ep.env.done, ep.env.success
         still = [ep for ep in live if not ep.done]
+        if cls is not BabyAITextEnv:  # keep the environment hot for the next job (a JVM, a game)
+            _ENV_POOL.setdefault(cls, []).extend(ep.env for ep in live if ep.done)
         if bar is not None:
             bar.update(len(live) - len(still))
         live = still
@@ -626,6 +1196,17 @@ def rollout(jobs, policy, ex: dict, theta: dict, budget: Budget | None = None, r
             s["prompts"], s["p_large"] = ep.prompts, ep.p_large
         out.append(s)
     return out
+
+
+_ENV_POOL: dict = {}  # environment class -> finished instances, reused (a ScienceWorld JVM takes ~2 s)
+
+
+def _free_env(cls, family: str, env_cfg: dict | None):
+    if _ENV_POOL.get(cls):
+        e = _ENV_POOL[cls].pop()
+        e.family = family
+        return e
+    return cls(family, env_cfg or {})
 
 
 # -- routing policies (picklable specs, built inside worker processes) ---------------------------
@@ -676,10 +1257,10 @@ def make_policy(spec):
 
 
 def _worker(args):
-    jobs, spec, ex, theta, budget, record, history = args
+    jobs, spec, ex, theta, budget, record, history, env = args
     import torch
     torch.set_num_threads(1)
-    return rollout(jobs, make_policy(spec), ex, theta, budget, record, history=history)
+    return rollout(jobs, make_policy(spec), ex, theta, budget, record, history=history, env=env)
 
 
 _POOL = None
@@ -710,12 +1291,12 @@ def run(jobs, spec, cfg: dict, theta: dict, budget: Budget | None = None, record
     n = max(1, min(cfg["workers"], len(jobs)))
     ex, hist = cfg["executors"], cfg["router"]["history_turns"]
     if n == 1:
-        return rollout(jobs, make_policy(spec), ex, theta, budget, record, desc is not None, hist)
+        return rollout(jobs, make_policy(spec), ex, theta, budget, record, desc is not None, hist, cfg["env"])
     chunks = max(n, min(len(jobs) // 8, 4 * n))
     parts = [jobs[i::chunks] for i in range(chunks)]
     from tqdm import tqdm
     res = [None] * chunks
-    it = pool(n).imap(_worker, [(p, spec, ex, theta, budget, record, hist) for p in parts])
+    it = pool(n).imap(_worker, [(p, spec, ex, theta, budget, record, hist, cfg["env"]) for p in parts])
     for i, r in enumerate(tqdm(it, total=chunks, desc=desc, leave=False, disable=desc is None)):
         res[i] = r
     out = [None] * len(jobs)
@@ -827,8 +1408,10 @@ def strata_jobs(task: tuple[str, int], N: int, per_stratum: int, seed0: int = 0)
 
 
 def cheapest_success(results: list[dict]) -> dict | None:
-    """tau* = argmin_{S(tau)=1} C(tau), or None if nothing succeeded."""
-    wins = [r for r in results if r["success"]]
+    """tau* = argmin_{S(tau)=1} C(tau), or None if nothing succeeded. With partial progress (text
+    games) S is the best progress any rollout reached, if above 0: the cheapest way to get that far."""
+    best = max((r["success"] for r in results), default=0)
+    wins = [r for r in results if best > 0 and r["success"] == best]
     return min(wins, key=lambda r: r["cost"]) if wins else None
 
 
@@ -856,7 +1439,7 @@ def prune_large(best: dict, cfg: dict, theta: dict) -> dict:
         res = run(jobs, ("replay", {j: d for j, (_, d) in trial.items()}), cfg, theta)
         for job, r in zip(jobs, res):
             i = trial[job][0]
-            if r["success"] and r["cost"] < cur[job]["cost"]:
+            if r["success"] >= cur[job]["success"] and r["cost"] < cur[job]["cost"]:
                 cur[job] = {**cur[job], **r}
             nxt[job] = i + 1
 

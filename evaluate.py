@@ -135,7 +135,7 @@ def main(argv=None):
     boundary = bar.read_json(d / "boundary.json")
     timing = bar.read_json(d / "timing.json") if (d / "timing.json").is_file() else {}
     timing["eval"] = round(time.time() - t0, 1)
-    metrics = {"config": cfg["name"], "simulated_executors": bool(cfg["executors"]["simulated"]),
+    metrics = {"config": cfg["name"], "simulated_executors": bar.is_simulated(cfg["executors"]),
                "executors": {m: cfg["executors"][m]["name"] for m in bar.MODEL_NAMES},
                "boundaries": {m: {"target": boundary["boundaries"][m]["target"], "measured": boundary["boundaries"][m]["measured"],
                                   "measured_test": bounds["SR_" + m[0].upper()], "per_family": boundary["boundaries"][m]["per_family"]}

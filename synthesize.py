@@ -24,7 +24,9 @@ def main(argv=None):
     fit_on = bar.json.loads(bar.json.dumps({"executors": cfg["executors"], "calibration": cfg["calibration"],
                                             "families": cfg["env"]["families"]}))
     cal = bar.read_json(d / "calibration.json") if (d / "calibration.json").is_file() else {}
-    if cal.get("fit_on") == fit_on:
+    if not bar.is_simulated(cfg["executors"]):
+        theta = {}                                   # real executors: nothing to fit
+    elif cal.get("fit_on") == fit_on:
         theta = cal["theta"]
         print(f"calibration: reusing {d / 'calibration.json'}")
     else:
