@@ -152,7 +152,7 @@ def validate_config(cfg: dict) -> None:
         if not t:
             raise ConfigError(f"executors.{m}.targets is empty: give 'all' or per-family success targets")
         for k, v in t.items():
-            if k != "all" and k not in known:
+            if k != "all" and k not in known and is_simulated(ex):  # targets calibrate the simulated pair only
                 raise ConfigError(f"executors.{m}.targets: unknown family '{k}'")
             if not 0 <= v <= 1:
                 raise ConfigError(f"executors.{m}.targets.{k} = {v} must be a success rate in [0, 1]")
@@ -490,6 +490,9 @@ class TextWorldEnv:
     MAX_STEPS = 80
 
     def __init__(self, family: str, env_cfg: dict):
+        import importlib.util
+        if importlib.util.find_spec("textworld") is None:
+            raise ConfigError("env.name = textworld, but the textworld package is not installed: `make install-envs`")
         self.family, self.cache = family, Path(env_cfg["cache_dir"])
         self.max_steps = env_cfg.get("max_steps") or self.MAX_STEPS
         self.expert_failures, self._env = 0, None
@@ -534,7 +537,10 @@ class TextWorldEnv:
         infos = textworld.EnvInfos(admissible_commands=True, policy_commands=True, score=True,
                                    max_score=True, won=True, lost=True, objective=True, description=True)
         self.close()
-        self._env = textworld.start(str(self.game_file(seed)), request_infos=infos)
+        import warnings
+        with warnings.catch_warnings():  # jericho: "not fully supported" (it reads no score; TextWorld does)
+            warnings.simplefilter("ignore")
+            self._env = textworld.start(str(self.game_file(seed)), request_infos=infos)
         self.state = self._env.reset()
         self.mission = " ".join(self.state.objective.split())
         self.steps, self.done, self.success = 0, False, 0.0
@@ -611,6 +617,10 @@ class ScienceWorldEnv:
         if shutil.which("java") is None:
             raise ConfigError("ScienceWorld needs a Java runtime (java on PATH): "
                               "`sudo apt-get install default-jre-headless`, then `make install-envs`")
+        import importlib.util
+        if importlib.util.find_spec("scienceworld") is None:
+            raise ConfigError("env.name = scienceworld, but the scienceworld package is not installed: "
+                              "`make install-envs`")
         from scienceworld import ScienceWorldEnv as _SW  # imported late: optional, needs java
         self.family, self.max_steps = family, env_cfg.get("max_steps") or self.MAX_STEPS
         self.test_seed_offset, self.simplifications = env_cfg["test_seed_offset"], env_cfg["simplifications"]
@@ -1204,7 +1214,7 @@ _ENV_POOL: dict = {}  # environment class -> finished instances, reused (a Scien
 def _free_env(cls, family: str, env_cfg: dict | None):
     if _ENV_POOL.get(cls):
         e = _ENV_POOL[cls].pop()
-        e.family = family
+        e.family, e.max_steps = family, (env_cfg or {}).get("max_steps") or cls.MAX_STEPS
         return e
     return cls(family, env_cfg or {})
 

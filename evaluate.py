@@ -74,8 +74,10 @@ def main(argv=None):
     # 2. Every method: a sweep of its knob (one point per value) and a headline point.
     sweeps = {"always_small": [(None, ("always_small",))], "always_large": [(None, ("always_large",))],
               "random": [(p, ("random", p)) for p in ec["random_p"]],
-              "first_large": [(k, ("first_large", k)) for k in ec["first_large_k"]],
-              "privileged": [(th, ("privileged", th)) for th in ec["privileged_thresholds"]]}
+              "first_large": [(k, ("first_large", k)) for k in ec["first_large_k"]]}
+    simulated = bar.is_simulated(cfg["executors"])
+    if simulated:  # the bounds read the simulator's internals: there are none with real executors
+        sweeps["privileged"] = [(th, ("privileged", th)) for th in ec["privileged_thresholds"]]
     for r in routers:
         sweeps[r] = [(th, ("router", str(d / r), None, th)) for th in sorted(set(ec["thresholds"]) | {0.5})]
     headline = {"random": 0.5, "first_large": ec["first_large_budget_k"], "privileged": ec["privileged_headline"]}
@@ -98,19 +100,20 @@ def main(argv=None):
 
     # 3. The sampled oracle: per (task, seed), the cheapest success over dense strata with the
     #    evaluation's own dice. It knows the dice: a bound, never a target.
-    N = ec["oracle_N"]
-    ojobs = [j + (k,) for j in ev.jobs for k in range(1, N)]
-    ores = ev.play("oracle_strata", ("stratified", N), jobs=ojobs)
-    cand = {}
-    for r in small + large + ores:
-        cand.setdefault((r["family"], r["task"], r["seed"]), []).append(r)
-    orc = [bar.cheapest_success(v) or min(v, key=lambda r: r["cost"]) for v in cand.values()]
-    s = bar.summarize(orc, classes)
-    methods["oracle"] = {**{k: s[k] for k in ("success_rate", "mean_cost", "large_call_rate")},
-                         "success_ci": bar.bootstrap_ci(per_task(orc), ec["bootstrap"], cfg["seed"]),
-                         "cost_pct_of_large": 100 * s["mean_cost"] / bounds["C_L"], "headline_knob": None,
-                         **bar.frontier_metrics([s], bounds), "points": [{"knob": None, **{k: s[k] for k in ("success_rate", "mean_cost", "large_call_rate")}}],
-                         "by_class": s["by_class"]}
+    if simulated:
+        N = ec["oracle_N"]
+        ojobs = [j + (k,) for j in ev.jobs for k in range(1, N)]
+        ores = ev.play("oracle_strata", ("stratified", N), jobs=ojobs)
+        cand = {}
+        for r in small + large + ores:
+            cand.setdefault((r["family"], r["task"], r["seed"]), []).append(r)
+        orc = [bar.cheapest_success(v) or min(v, key=lambda r: r["cost"]) for v in cand.values()]
+        s = bar.summarize(orc, classes)
+        methods["oracle"] = {**{k: s[k] for k in ("success_rate", "mean_cost", "large_call_rate")},
+                             "success_ci": bar.bootstrap_ci(per_task(orc), ec["bootstrap"], cfg["seed"]),
+                             "cost_pct_of_large": 100 * s["mean_cost"] / bounds["C_L"], "headline_knob": None,
+                             **bar.frontier_metrics([s], bounds), "points": [{"knob": None, **{k: s[k] for k in ("success_rate", "mean_cost", "large_call_rate")}}],
+                             "by_class": s["by_class"]}
 
     # 4. Hard budgets: caps on large calls and on dollars; spend must never exceed a cap.
     budgets = []
