@@ -475,9 +475,9 @@ class TextWorldEnv:
     generator and cached under `env.cache_dir` (a few seconds each, once).
 
     Settings follow BALROG's description (its pre-generated games are not on PyPI): treasure_hunter at
-    level 30 (20 rooms, locked doors and containers), keeping only games whose walkthrough has at least
-    15 steps (BALROG keeps > 20, but TextWorld 1.7's level-30 quest is at most 20 steps long; 8-50 s
-    to generate one); the cooking game with 5 ingredients to find and prepare across 12 rooms, doors to open,
+    level 30 (20 rooms, locked doors and containers; its quest is at most 20 steps long in TextWorld 1.7,
+    so BALROG's filter "optimal path > 20 steps" cannot apply, and we keep every game: 8-50 s to generate
+    one); the cooking game with 5 ingredients to find and prepare across 12 rooms, doors to open,
     cooking and cutting; coin_collector at level 120 (a 20-room chain plus 20 dead-end rooms). For the
     two quest games the goal text names only the last action, not the route. Limited inventory
     (`--drop`) is left out of the cooking game: with it TextWorld's planner returns no policy.
@@ -509,22 +509,16 @@ class TextWorldEnv:
         self.cache.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.cache, prefix=".gen-"))
         try:
-            for retry in range(100):  # treasure_hunter: regenerate until the walkthrough is >= 15 steps
-                opt = textworld.GameOptions()
-                opt.seeds = seed * 1000 + retry
-                opt.path, opt.force_recompile = str(tmp / path.name), True
-                opt.grammar.only_last_action = True
-                if self.family == "treasure_hunter":
-                    game = ch.treasure_hunter.make({"level": 30}, opt)
-                    if len(game.walkthrough) < 15:
-                        continue
-                elif self.family == "coin_collector":
-                    game = ch.coin_collector.make({"level": 120}, opt)
-                else:
-                    opt.grammar.only_last_action = False
-                    game = ch.cooking.make({"recipe": 5, "take": 5, "go": 12, "open": True, "cook": True,
-                                            "cut": True, "drop": False, "recipe_seed": seed, "split": None}, opt)
-                break
+            opt = textworld.GameOptions()
+            opt.seeds, opt.path, opt.force_recompile = seed, str(tmp / path.name), True
+            opt.grammar.only_last_action = self.family != "the_cooking_game"
+            if self.family == "treasure_hunter":
+                game = ch.treasure_hunter.make({"level": 30}, opt)
+            elif self.family == "coin_collector":
+                game = ch.coin_collector.make({"level": 120}, opt)
+            else:
+                game = ch.cooking.make({"recipe": 5, "take": 5, "go": 12, "open": True, "cook": True,
+                                        "cut": True, "drop": False, "recipe_seed": seed, "split": None}, opt)
             textworld.generator.compile_game(game, opt)
             os.replace(tmp / path.with_suffix(".json").name, path.with_suffix(".json"))
             os.replace(tmp / path.name, path)
