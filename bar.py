@@ -105,7 +105,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
         raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(user, dict):
         raise ConfigError(f"config file '{path}' must be a YAML mapping of keys (see configs/defaults.yaml)")
-    cfg = _merge(DEFAULTS, user)
+    import copy
+    cfg = _merge(copy.deepcopy(DEFAULTS), user)  # a fresh tree: a caller may edit its config freely
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set '{item}' must look like key.sub=value")

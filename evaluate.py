@@ -138,7 +138,7 @@ def main(argv=None):
     boundary = bar.read_json(d / "boundary.json")
     timing = bar.read_json(d / "timing.json") if (d / "timing.json").is_file() else {}
     timing["eval"] = round(time.time() - t0, 1)
-    metrics = {"config": cfg["name"], "simulated_executors": bar.is_simulated(cfg["executors"]),
+    metrics = {"config": cfg["name"], "env": cfg["env"]["name"], "simulated_executors": bar.is_simulated(cfg["executors"]),
                "executors": {m: cfg["executors"][m]["name"] for m in bar.MODEL_NAMES},
                "boundaries": {m: {"target": boundary["boundaries"][m]["target"], "measured": boundary["boundaries"][m]["measured"],
                                   "measured_test": bounds["SR_" + m[0].upper()], "per_family": boundary["boundaries"][m]["per_family"]}
@@ -162,9 +162,14 @@ def fmt(x, p=3):
 def results_md(m: dict, routers) -> str:
     b = m["bounds"]
     L = [f"# Results: `{m['config']}`", ""]
+    env = m.get("env", "babyai")
     if m["simulated_executors"]:
         L += [f"**Simulated executor pair** ({m['executors']['small']} -> {m['executors']['large']}, calibrated to "
-              "published BabyAI success) on the real BabyAI environment. Not real LLM calls.", ""]
+              f"published {env} success) on the real {env} environment. Not real LLM calls.", ""]
+    else:
+        L += [f"**Real executors** ({m['executors']['small']} -> {m['executors']['large']}) on {env}.", ""]
+    if env != "babyai":
+        L += ["`success` is progress: score / max score, 1 if won.", ""]
     L += [f"{m['episodes_per_point']} test episodes per point. Boundaries on training tasks: small "
           f"{m['boundaries']['small']['measured']:.3f} (target {m['boundaries']['small']['target']:.3f}), large "
           f"{m['boundaries']['large']['measured']:.3f} (target {m['boundaries']['large']['target']:.3f}); on test: "

@@ -26,6 +26,7 @@ def main(argv=None):
     cal = bar.read_json(d / "calibration.json") if (d / "calibration.json").is_file() else {}
     if not bar.is_simulated(cfg["executors"]):
         theta = {}                                   # real executors: nothing to fit
+        bar.write_json(d / "calibration.json", {"theta": theta, "fit_on": None})
     elif cal.get("fit_on") == fit_on:
         theta = cal["theta"]
         print(f"calibration: reusing {d / 'calibration.json'}")
