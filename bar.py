@@ -3,8 +3,8 @@
 One module, read top to bottom in pipeline order:
 
     0. config and files        YAML + --set overrides, atomic writes, JSONL logs
-    1. environment             BabyAI (minigrid) rendered as BALROG-style text, five task families
-    2. executors and cost      a small protocol + the calibrated *simulated* executor pair
+    1. environments            a small protocol; BabyAI (minigrid) as BALROG-style text, TextWorld, ScienceWorld
+    2. executors and cost      the calibrated *simulated* pair; real ones: transformers, OpenAI-compatible HTTP
     3. rollouts                many episodes in lockstep, the router batched, budget-constrained decoding
     4. boundary training data  boundary policies -> Easy/Hard/Intractable -> stratified sampling -> labels
     5. router                  a causal LM; pi(LARGE|s) from two label tokens at the last position
@@ -12,10 +12,10 @@ One module, read top to bottom in pipeline order:
     7. metrics                 frontier, AUC, APGR, CPT, cost to match always-large, bootstrap intervals
 
 Notation: task x; step t; decision a_t in {SMALL, LARGE}; step cost c_t in dollars; trajectory tau with
-success S(tau) in {0,1} and cost C(tau) = sum_t c_t.
+success S(tau) in {0,1} (progress in [0, 1] on the text games) and cost C(tau) = sum_t c_t.
 
 The CPU default keeps the environment real and *simulates* the two executor models (section 2). Every
-results file says so.
+results file says which executors played.
 """
 from __future__ import annotations
 
