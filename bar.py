@@ -146,6 +146,8 @@ def validate_config(cfg: dict) -> None:
     if is_simulated(ex) and not hasattr(env_class(cfg["env"]), "expert"):
         raise ConfigError(f"env.name = {cfg['env']['name']}: it has no expert that replans after a mistake, "
                           "so the simulated pair is not offered; use real executors (transformers / openai)")
+    if cfg["env"]["name"] == "scienceworld" and not cfg["env"]["max_live"]:
+        raise ConfigError("env.max_live must be set on ScienceWorld (one JVM, ~250 MB, per live episode): e.g. 16")
     for m in MODEL_NAMES:
         t = ex[m]["targets"]
         if not isinstance(t, dict) or not all(isinstance(v, (int, float)) for v in t.values()):
@@ -367,7 +369,7 @@ class BabyAITextEnv:
     def __init__(self, family: str, env_cfg: dict | None = None):
         self.family = family
         self.level = _make_level(family)
-        self.max_steps = MAX_STEPS[family]
+        self.max_steps = min((env_cfg or {}).get("max_steps") or MAX_STEPS[family], MAX_STEPS[family])
         self.expert_failures = 0
 
     # -- public side: what an agent (and the router) sees --------------------------------------
@@ -539,7 +541,7 @@ class TextWorldEnv:
             self._env = textworld.start(str(self.game_file(seed)), request_infos=infos)
         self.state = self._env.reset()
         self.mission = " ".join(self.state.objective.split())
-        self.steps, self.done, self.success = 0, False, 0.0
+        self.steps, self.done, self.success, self.expert_failures = 0, False, 0.0, 0
         self.obs = _clean_feedback(self.state.description)
         return self.obs
 
@@ -781,7 +783,7 @@ class SimulatedExecutors:
 # -- real executors: an LLM plays the step ---------------------------------------------------------
 # The agent prompt (BALROG-style, plain, no reasoning): a system message with the task and the valid
 # actions (all of them when there are at most `list_actions`, as on BabyAI and TextWorld; ScienceWorld
-# has about a thousand, so there it gets a sample and the verbs), then the last `history` turns and the
+# has about a thousand, so there it gets an even sample of them), then the last `history` turns and the
 # current observation. The reply is parsed to a valid action by `parse_action`.
 AGENT_SYSTEM = ("You are an agent playing a text game. Task: {mission}\n"
                 "Valid actions now: {actions}\n"
@@ -790,7 +792,7 @@ AGENT_SYSTEM = ("You are an agent playing a text game. Task: {mission}\n"
 
 def agent_messages(ep, history: int, list_actions: int = 60) -> list[dict]:
     valid = ep.env.actions()
-    shown = valid if len(valid) <= list_actions else valid[:: max(1, len(valid) // list_actions)]
+    shown = valid if len(valid) <= list_actions else valid[:: -(-len(valid) // list_actions)]
     more = "" if len(shown) == len(valid) else f" (and {len(valid) - len(shown)} more of these forms)"
     msgs = [{"role": "system", "content": AGENT_SYSTEM.format(mission=ep.env.mission,
                                                              actions="; ".join(shown) + more)}]
@@ -828,10 +830,12 @@ class LLMExecutors:
         self.backends = [_backend(ex, m) for m in MODEL_NAMES]
 
     def max_cost(self, ep, model: int) -> float:
-        """Upper bound before the call: at most one token per character of the prompt plus 64 for the
-        chat template, and `max_new_tokens` of completion. Loose, never exceeded by a real tokenizer."""
-        chars = sum(len(m["content"]) for m in agent_messages(ep, self.ex["history"]))
-        return usage_cost(model, chars + 64, self.ex[MODEL_NAMES[model]]["max_new_tokens"], self.ex)
+        """Upper bound before the call: at most one token per UTF-8 byte of the messages (byte-level and
+        byte-fallback tokenizers never exceed it), 16 template tokens per message plus 128 (headers such
+        as Llama's date line), and `max_new_tokens` of completion. Loose, on purpose."""
+        msgs = agent_messages(ep, self.ex["history"])
+        bound = sum(len(m["content"].encode()) + 16 for m in msgs) + 128
+        return usage_cost(model, bound, self.ex[MODEL_NAMES[model]]["max_new_tokens"], self.ex)
 
     def act(self, eps, model: int) -> list[tuple[str, int, int]]:
         replies = self.backends[model].chat_many([agent_messages(ep, self.ex["history"]) for ep in eps])
@@ -905,6 +909,11 @@ class TransformersChat:
 
 
 RETRY_AFTER_CAP_S = 60.0  # a server asking for longer is better treated as down
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None  # the 3xx then surfaces as an HTTP error naming base_url
 
 
 class EndpointError(RuntimeError):
@@ -1000,12 +1009,13 @@ class OpenAIClient:
             self._raise(f"bad URL {self.url!r} (not http:// or https://): "
                         f"check executors.{self.role}.base_url")
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        opener = urllib.request.build_opener(_NoRedirect)  # a redirect would carry the key elsewhere
         last, unreachable = "", False
         for attempt in range(self.retries + 1):
             wait = None
             try:
                 # timeout bounds each socket operation (connect, each read), not the whole call.
-                with urllib.request.urlopen(request, timeout=self.timeout) as resp:
+                with opener.open(request, timeout=self.timeout) as resp:
                     raw = resp.read()
             except urllib.error.HTTPError as e:  # must precede OSError: it is a subclass
                 if e.code != 429 and e.code < 500:  # caller's mistake: retrying cannot help
@@ -1143,14 +1153,15 @@ def rollout(jobs, policy, ex: dict, theta: dict, budget: Budget | None = None, r
 
     Before each step the policy scores every live episode at once (one batched router forward);
     budget-constrained decoding then masks LARGE wherever it would break the cap. If even a SMALL
-    step would break a dollar cap, the episode stops there as a failure: spend never exceeds a cap.
-    Then each executor plays its share of the live episodes in one batch. `env` is the config's `env`
+    step would break a dollar cap, the episode stops there (keeping the progress it made): spend never
+    exceeds a cap. Then each executor plays its share of the live episodes in one batch. `env` is the config's `env`
     section (None: BabyAI). At most `env.max_live` episodes are in play at once (one JVM each on
     ScienceWorld); the rest wait their turn.
     """
     budget = budget or Budget()
     execs = make_executors(ex, theta)
     cls, live_cap = env_class(env), (env or {}).get("max_live") or len(jobs)
+    pool_key = env_pool_key(env)
     eps, waiting, live = [], [tuple(j) for j in jobs], []
     bar = None
     if progress:
@@ -1159,7 +1170,7 @@ def rollout(jobs, policy, ex: dict, theta: dict, budget: Budget | None = None, r
     while waiting or live:
         while waiting and len(live) < live_cap:
             job = waiting.pop(0)
-            ep = Episode(*job[:3], stream=job[3] if len(job) > 3 else 0, env=_free_env(cls, job[0], env))
+            ep = Episode(*job[:3], stream=job[3] if len(job) > 3 else 0, env=_free_env(pool_key, job[0], env))
             ep.job = job
             eps.append(ep)
             live.append(ep)
@@ -1188,8 +1199,11 @@ def rollout(jobs, policy, ex: dict, theta: dict, budget: Budget | None = None, r
                 ep.obs = ep.env.step(action)
                 ep.done, ep.success = ep.env.done, ep.env.success
         still = [ep for ep in live if not ep.done]
-        if cls is not BabyAITextEnv:  # keep the environment hot for the next job (a JVM, a game)
-            _ENV_POOL.setdefault(cls, []).extend(ep.env for ep in live if ep.done)
+        for ep in live:
+            if ep.done:
+                ep.final = ep.summary()   # before the environment serves another job
+                if cls is not BabyAITextEnv:  # keep it hot for the next job (a JVM, a game)
+                    _ENV_POOL.setdefault(pool_key, []).append(ep.env)
         if bar is not None:
             bar.update(len(live) - len(still))
         live = still
@@ -1197,22 +1211,27 @@ def rollout(jobs, policy, ex: dict, theta: dict, budget: Budget | None = None, r
         bar.close()
     out = []
     for ep in eps:
-        s = ep.summary()
+        s = ep.final
         if record:
             s["prompts"], s["p_large"] = ep.prompts, ep.p_large
         out.append(s)
     return out
 
 
-_ENV_POOL: dict = {}  # environment class -> finished instances, reused (a ScienceWorld JVM takes ~2 s)
+_ENV_POOL: dict = {}  # (class, env config) -> finished instances, reused (a ScienceWorld JVM takes ~2 s)
 
 
-def _free_env(cls, family: str, env_cfg: dict | None):
-    if _ENV_POOL.get(cls):
-        e = _ENV_POOL[cls].pop()
-        e.family, e.max_steps = family, (env_cfg or {}).get("max_steps") or cls.MAX_STEPS
+def env_pool_key(env_cfg: dict | None) -> tuple:
+    """Instances are shared only between runs of the same environment configuration."""
+    return env_class(env_cfg), json.dumps(env_cfg, sort_keys=True, default=str)
+
+
+def _free_env(key, family: str, env_cfg: dict | None):
+    if _ENV_POOL.get(key):
+        e = _ENV_POOL[key].pop()
+        e.family = family
         return e
-    return cls(family, env_cfg or {})
+    return key[0](family, env_cfg or {})
 
 
 # -- routing policies (picklable specs, built inside worker processes) ---------------------------

@@ -25,7 +25,7 @@ class Evaluator:
         # Cached rollouts are reused only while what they depend on is unchanged: the test episodes,
         # the simulated pair, the eval settings and every router checkpoint (by modification time).
         cache = self.d / "eval_cache"
-        stamp = {"jobs": self.jobs, "theta": self.theta, "executors": cfg["executors"], "eval": cfg["eval"],
+        stamp = {"jobs": self.jobs, "theta": self.theta, "env": cfg["env"], "executors": cfg["executors"], "eval": cfg["eval"],
                  "routers": {r: (self.d / r / "model.safetensors").stat().st_mtime
                              for r in ROUTERS if (self.d / r / "model.safetensors").is_file()}}
         stamp = bar.json.loads(bar.json.dumps(stamp))  # as it reads back from disk (tuples -> lists)

@@ -24,7 +24,8 @@ def main(argv=None):
     fit_on = bar.json.loads(bar.json.dumps({"executors": cfg["executors"], "calibration": cfg["calibration"],
                                             "families": cfg["env"]["families"]}))
     cal = bar.read_json(d / "calibration.json") if (d / "calibration.json").is_file() else {}
-    if not bar.is_simulated(cfg["executors"]):
+    simulated = bar.is_simulated(cfg["executors"])
+    if not simulated:
         theta = {}                                   # real executors: nothing to fit
         bar.write_json(d / "calibration.json", {"theta": theta, "fit_on": None})
     elif cal.get("fit_on") == fit_on:
@@ -44,14 +45,17 @@ def main(argv=None):
         st["class"] = bar.classify(st["s_S"], st["s_L"], tax["tau_easy"], tax["delta"])
     boundaries = {}
     for m in bar.MODEL_NAMES:
-        tg = bar.targets_of(cfg, m)
-        meas = {f: float(np.mean([r["success"] for r in res[m] if r["family"] == f])) for f in cfg["env"]["families"]}
+        fams = cfg["env"]["families"]
+        tg = bar.targets_of(cfg, m) if simulated else {}   # targets calibrate the simulated pair only
+        meas = {f: float(np.mean([r["success"] for r in res[m] if r["family"] == f])) for f in fams}
         meas["all"] = float(np.mean([r["success"] for r in res[m]]))
-        target_all = tg.get("all", float(np.mean([tg[f] for f in cfg["env"]["families"]])))
+        per = {f: tg.get(f, tg.get("all")) for f in fams}
+        target_all = tg.get("all", float(np.mean(list(per.values()))) if tg else None)
         boundaries[m] = {"target": target_all, "measured": meas["all"], "per_family":
-                         {f: {"target": tg.get(f, tg.get("all")), "measured": meas[f]} for f in cfg["env"]["families"]}}
-        print(f"boundary {m:5s}: success {meas['all']:.3f} (target {target_all:.3f}); " +
-              " ".join(f"{f}={meas[f]:.2f}/{tg.get(f, tg.get('all')):.2f}" for f in cfg["env"]["families"]))
+                         {f: {"target": per[f], "measured": meas[f]} for f in fams}}
+        fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+        print(f"boundary {m:5s}: success {meas['all']:.3f} (target {fmt(target_all)}); " +
+              " ".join(f"{f}={meas[f]:.2f}/{fmt(per[f])}" for f in fams))
 
     # 3. Stratified sampling on Hard tasks: p = k/N on `per_stratum` dice seeds; per (task, seed)
     #    keep the cheapest success, so each Hard task gives up to `per_stratum` label trajectories.
@@ -83,7 +87,9 @@ def main(argv=None):
             for r0 in [r for r in res["small"] if (r["family"], r["task"]) == key][: sp["per_stratum"]]:
                 chosen.append(((key[0], key[1], r0["seed"]), r0["decisions"], st["class"]))
     n_large = sum(sum(r["decisions"]) for r in hard_best.values())
-    if sp["prune"] and hard_best:  # local search: drop the LARGE calls tau* did not need
+    # Local search: drop the LARGE calls tau* did not need. It replays trajectories on the same dice, so
+    # only the simulated pair (real models do not repeat themselves exactly; it would only spend).
+    if sp["prune"] and hard_best and simulated:
         pruned = bar.prune_large(hard_best, cfg, theta)
         chosen = [(job, pruned[job]["decisions"] if job in pruned else dec, cls) for job, dec, cls in chosen]
         print(f"pruning tau*: LARGE calls on Hard tasks {n_large} -> {sum(sum(r['decisions']) for r in pruned.values())}, "
@@ -91,9 +97,12 @@ def main(argv=None):
               f"{np.mean([r['cost'] for r in pruned.values()]):.5f}")
     replay = {job: dec for job, dec, _ in chosen}
     rep = bar.run([job for job, _, _ in chosen], ("replay", replay), cfg, theta, record=True, desc="replay labels")
-    rows = []
+    rows, diverged = [], 0
     for (job, dec, cls), r in zip(chosen, rep):
-        assert r["decisions"] == dec, "replay diverged: the simulator is not deterministic"
+        # The simulated pair replays exactly. A real model may answer differently the second time; then
+        # the labels are the replay's own decisions at its own prompts (still that routing's choices).
+        assert r["decisions"] == dec or not simulated, "replay diverged: the simulator is not deterministic"
+        diverged += r["decisions"] != dec
         for (h, b), lab in zip(r["prompts"], r["decisions"]):
             rows.append({"header": h, "body": b, "label": lab, "family": job[0], "task": job[1], "class": cls})
     bar.atomic_write(d / "sft_data.jsonl", "".join(bar.json.dumps(x) + "\n" for x in rows))
@@ -102,7 +111,7 @@ def main(argv=None):
     labels = Counter(x["label"] for x in rows)
     summary = {"theta": theta, "boundaries": boundaries, "classes": dict(classes), "label_source": dict(source),
                "labels": {"SMALL": labels[0], "LARGE": labels[1]}, "decisions": len(rows),
-               "stratified_rollouts": len(sjobs),
+               "stratified_rollouts": len(sjobs), "replays_diverged": diverged,
                "expert_failures": sum(r["expert_failures"] for rs in (res["small"], res["large"], sres) for r in rs),
                "boundary_steps": sum(r["steps"] for rs in res.values() for r in rs)}
     bar.write_json(d / "boundary.json", {"tasks": list(stats.values()), **summary})

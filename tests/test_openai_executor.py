@@ -74,6 +74,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(401, {"error": "invalid key " + str(self.headers.get("Authorization"))})
         if fault == "400_echo":  # a careless server echoing the auth header in its error body
             return self._send(400, {"error": "bad request", "auth": self.headers.get("Authorization")})
+        if fault == "302":  # a redirect to elsewhere: following it would carry the key along
+            return self._send(302, {"error": "moved"}, [("Location", "/stolen")])
         if fault == "malformed":
             return self._send(200, b"not json{")
         if fault == "malformed_echo":
@@ -337,3 +339,12 @@ def test_openai_executor_plays_babyai_steps_under_a_dollar_cap(server, monkeypat
     cap = r["cost"] / 3
     capped = bar.rollout([("goto", 0, 0)], bar.StaticPolicy("always_large"), ex, {}, bar.Budget(dollars=cap))[0]
     assert 0 < capped["cost"] <= cap and capped["budget_exhausted"]
+
+
+def test_redirects_are_not_followed_so_the_key_stays_home(server, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    server.state.faults.append("302")
+    client = OpenAIClient("large", server.base_url, "m", retries=2, sleep=lambda s: None)
+    with pytest.raises(EndpointError, match="302") as e:
+        client.chat([{"role": "user", "content": "hi"}])
+    assert [q["path"] for q in server.state.requests] == [PATH] and SECRET not in str(e.value)

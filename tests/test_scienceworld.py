@@ -141,8 +141,13 @@ def test_a_real_executor_drives_scienceworld(env, tiny_chat_model):
                           ["env.name=scienceworld", f"env.families=[{TASK}]", "env.max_steps=4", "env.max_live=1",
                            *real])
     ex = cfg["executors"]
-    bar._ENV_POOL[ScienceWorldEnv] = [env]
-    res = bar.rollout([(TASK, 0, 0), (TASK, 1, 0)], bar.StaticPolicy("random", 0.5), ex, {}, env=cfg["env"])
+    key = bar.env_pool_key(cfg["env"])
+    bar._ENV_POOL[key] = [env]       # this module's JVM, as if a previous rollout of this config had left it
+    env.max_steps = 4
+    try:
+        res = bar.rollout([(TASK, 0, 0), (TASK, 1, 0)], bar.StaticPolicy("random", 0.5), ex, {}, env=cfg["env"])
+    finally:
+        env.max_steps = 100
     assert [r["steps"] for r in res] == [4, 4] and all(0 <= r["success"] < 1 for r in res)
     assert all(r["cost"] > 0 and 0 <= r["invalid"] <= 4 for r in res)
-    assert bar._ENV_POOL.pop(ScienceWorldEnv) == [env]   # one JVM served both episodes (max_live = 1)
+    assert bar._ENV_POOL.pop(key) == [env]   # one JVM served both episodes (max_live = 1)
